@@ -1,0 +1,112 @@
+"""Resumable checkpoints that cannot be half-written.
+
+A checkpoint is written as ``checkpoints/.tmp-step_XXXXXXXX``, gets a ``COMPLETE`` manifest
+(every file's size and sha256) and is renamed to ``checkpoints/step_XXXXXXXX``. Older ones are
+deleted only after their successor is complete. On resume, the newest checkpoint whose files
+match its manifest is used; a damaged one is reported by name and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from distributed_tune.errors import RunDirError
+
+MANIFEST = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)] for p in files}
+    tmp = folder / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return "no COMPLETE manifest (interrupted while saving)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        return "unreadable COMPLETE manifest"
+    for rel, (size, digest) in manifest.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != size:
+            return f"{rel} is truncated ({p.stat().st_size} of {size} bytes)"
+        if _sha256(p) != digest:
+            return f"{rel} is corrupted (sha256 mismatch)"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    return sorted(folder.glob("step_*")) if folder.is_dir() else []
+
+
+def latest_good(run_dir: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """The newest intact checkpoint; damaged ones are reported and skipped (never deleted)."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        warn(f"checkpoint {ckpt} is damaged: {problem}; trying the previous one")
+    return None
+
+
+def save(
+    accelerator: Any, run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int
+) -> Path:
+    """Collective: every rank writes its part (DeepSpeed shards), rank 0 seals and renames."""
+    parent = run_dir / "checkpoints"
+    final = parent / checkpoint_name(step)
+    tmp = parent / f".tmp-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+            write_manifest(tmp)
+            if final.exists():  # a re-run of the same step (after a resume): replace it whole
+                shutil.rmtree(final)
+            tmp.replace(final)
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old)
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(
+            f"could not save checkpoint {final} ({e.strerror or e}); the previous checkpoint is kept; "
+            "free disk space and resume with --resume"
+        ) from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / TRAINER_STATE).read_text())

@@ -1,0 +1,48 @@
+"""A tiny BERT for tests: a WordPiece vocabulary trained on the CoLA training sentences and a
+BertConfig of a few thousand parameters, saved as a local `save_pretrained` folder.
+
+    python tests/tiny_model.py /tmp/tiny-bert      # build one by hand
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+COLA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cola"
+
+
+def cola_sentences() -> list[str]:
+    lines = (COLA / "raw" / "in_domain_train.tsv").read_text(encoding="utf-8").splitlines()
+    return [line.split("\t")[3] for line in lines]
+
+
+def make_tiny_bert(path: Path, vocab_size: int = 400, hidden: int = 16, layers: int = 2, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(cola_sentences(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+                        num_labels=2)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":
+    print(make_tiny_bert(Path(sys.argv[1])))
