@@ -11,12 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from distributed_tune.config import Config
 from distributed_tune.errors import RunDirError
 
 MANIFEST = "COMPLETE"
+# What marks a run directory as used: a new run refuses it unless resume/overwrite is set.
+RESULTS = ("metrics.jsonl", "checkpoints", "model", "predictions.jsonl")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -110,3 +114,22 @@ def save(
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / TRAINER_STATE).read_text())
+
+
+def refuse_used_run_dir(cfg: Config) -> Path:
+    """Refuse to clobber a used run directory unless resume/overwrite says what to do."""
+    run_dir = Path(cfg.output_dir)
+    used = [name for name in RESULTS if (run_dir / name).exists()]
+    if used and not (cfg.resume or cfg.overwrite):
+        raise RunDirError(
+            f"output_dir={run_dir} already holds a run ({', '.join(used)}); pass --resume to continue "
+            "it, --overwrite to replace it, or choose another output_dir"
+        )
+    return run_dir
+
+
+def clear_results(run_dir: Path) -> None:
+    """--overwrite: remove the previous run's results (the rendered launch files stay)."""
+    for name in RESULTS:
+        p = run_dir / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

@@ -52,7 +52,7 @@ def cmd_train(argv: list[str]) -> int:
     cfg = load_from_args(args)
     from distributed_tune.train import train
 
-    result = train(cfg)
+    train(cfg)
     return 0
 
 

@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -32,11 +32,11 @@ OFFICIAL_COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
 class ModelConfig:
     name: str = "bert-base-uncased"
     """Hub name or local folder of any Hugging Face sequence-classification model."""
-    dropout: Optional[float] = None
+    dropout: float | None = None
     """Overrides every dropout probability in the model config; null keeps the model's own."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off: only enable for repositories you trust."""
-    revision: Optional[str] = None
+    revision: str | None = None
     """Hub revision (branch, tag or commit) to pin; null takes the default branch."""
 
 
@@ -48,7 +48,7 @@ class DataConfig:
     """Where the downloaded archive and the tokenized dataset are cached."""
     max_length: int = 128
     """Tokens per sentence at most (CoLA's longest is ~47 BERT tokens)."""
-    pad_to_multiple_of: Optional[int] = None
+    pad_to_multiple_of: int | None = None
     """Pad each batch to a multiple of this; null means 8 under fp16/bf16, else 1."""
     length_grouping: bool = True
     """Group sentences of similar length into the same global batch (less padding, same data)."""
@@ -60,7 +60,7 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 3
     """Passes over the training set."""
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     """Stop after this many optimizer steps (evaluation still runs at the end); null: epochs."""
     global_batch_size: int = 32
     """Sentences per optimizer step, summed over all processes and accumulation steps."""
@@ -88,7 +88,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    zero_stage: Optional[int] = None
+    zero_stage: int | None = None
     """null: plain data parallel (DDP, or one process); 0-3: DeepSpeed with this ZeRO stage."""
     offload_optimizer: Literal["none", "cpu"] = "none"
     """DeepSpeed optimizer-state offload (ZeRO 1-3)."""

@@ -12,7 +12,7 @@ dev example was predicted exactly once before it computes MCC.
 
 from __future__ import annotations
 
-import math
+import json
 import shutil
 import signal
 import time
@@ -24,14 +24,13 @@ import numpy as np
 import torch
 
 from distributed_tune import checkpoint
-from distributed_tune.config import Config, Derived, derive, dump_resolved, to_dict
+from distributed_tune.config import Config, Derived, derive, dump_resolved
 from distributed_tune.data import (
     DEV,
     IN_DOMAIN,
     LABELS,
     OUT_OF_DOMAIN,
     CoLA,
-    Tokenized,
     collate,
     eval_shard,
     global_batches,
@@ -44,8 +43,6 @@ from distributed_tune.errors import RunDirError, TrainingError
 from distributed_tune.metrics import MetricsLog, classification_metrics
 from distributed_tune.model import build_optimizer, build_scheduler, load_model, load_tokenizer
 
-# What marks a run directory as used: a new run refuses it unless resume/overwrite is set.
-RESULTS = ("metrics.jsonl", "checkpoints", "model", "predictions.jsonl")
 EVAL_BATCH = 128
 
 
@@ -78,24 +75,6 @@ class StopSignal:
         self.received = signum
 
 
-def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
-    """Refuse to clobber a used run directory unless resume/overwrite says what to do."""
-    run_dir = Path(cfg.output_dir)
-    used = [name for name in RESULTS if (run_dir / name).exists()]
-    if used and not (cfg.resume or cfg.overwrite):
-        raise RunDirError(
-            f"output_dir={run_dir} already holds a run ({', '.join(used)}); pass --resume to continue "
-            "it, --overwrite to replace it, or choose another output_dir"
-        )
-    return run_dir
-
-
-def clear_results(run_dir: Path) -> None:
-    for name in RESULTS:
-        p = run_dir / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-
-
 class Recipe:
     """One fine-tuning job. `Recipe(cfg).run()` is all the CLI does."""
 
@@ -108,7 +87,7 @@ class Recipe:
         cfg = self.cfg
         self.accelerator = acc = build_accelerator(cfg)
         self.is_main = acc.is_main_process
-        self.run_dir = prepare_run_dir(cfg, self.is_main)
+        self.run_dir = checkpoint.refuse_used_run_dir(cfg)
         cache = Path(cfg.data.cache_dir).expanduser()
         # Download, read and tokenize on the local main process first; the others hit its cache.
         with acc.local_main_process_first():
@@ -120,14 +99,15 @@ class Recipe:
 
         torch.manual_seed(cfg.seed)  # the new classifier head is initialised from this
         model = load_model(cfg.model, self.tokenizer.pad_token_id)
-        optimizer = build_optimizer(model, cfg.train)
-        self.scheduler = build_scheduler(optimizer, self.derived.warmup_steps, self.derived.total_steps)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = acc.prepare(model, build_optimizer(model, cfg.train))
+        # After prepare: ZeRO-3 regroups the optimizer's parameters, and the schedule must drive
+        # the groups the engine really steps.
+        self.scheduler = build_scheduler(self.optimizer, self.derived.warmup_steps, self.derived.total_steps)
         self.progress = Progress()
 
         if self.is_main:
             if cfg.overwrite:
-                clear_results(self.run_dir)
+                checkpoint.clear_results(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main)
@@ -136,7 +116,7 @@ class Recipe:
         if self.is_main:
             dump_resolved(cfg, self.derived, self.run_dir / "config.yaml")
             (self.run_dir / "data_fingerprint.json").write_text(
-                __import__("json").dumps({"counts": self.cola.counts(), "sha256": self.cola.fingerprint}, indent=1)
+                json.dumps({"counts": self.cola.counts(), "sha256": self.cola.fingerprint}, indent=1)
             )
             self.print(f"data {self.cola.counts()}; {self.derived.describe()}")
 
@@ -254,8 +234,6 @@ class Recipe:
         self.write_predictions(*result["predictions"])
 
     def write_predictions(self, preds: np.ndarray, probs: np.ndarray) -> None:
-        import json
-
         tmp = self.run_dir / "predictions.jsonl.tmp"
         with tmp.open("w") as f:
             for i, (e, pred, prob) in enumerate(zip(self.cola.dev, preds, probs)):
