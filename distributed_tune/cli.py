@@ -3,6 +3,7 @@
     python -m distributed_tune --config configs/cola_bert_base.yaml train.epochs=4   # train (default)
     python -m distributed_tune launch --config ... --gpus 8 [--dry-run]               # accelerate/DeepSpeed
     python -m distributed_tune config                                                 # every key, documented
+    python -m distributed_tune --help                                                 # all commands
 
 Bad input ends with one line `error: ...` on stderr and exit code 2.
 """
@@ -10,15 +11,22 @@ Bad input ends with one line `error: ...` on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 from distributed_tune.errors import DistributedTuneError
 
+# command -> (module, function, help); modules are imported only when their command runs.
 COMMANDS = {
-    "train": "fine-tune on CoLA (the default command)",
-    "launch": "render the accelerate/DeepSpeed setup into the run directory and start it",
-    "config": "print every config key with its type, default and meaning",
+    "train": ("distributed_tune.cli", "cmd_train", "fine-tune on CoLA (the default command)"),
+    "launch": ("distributed_tune.launcher", "cmd_launch", "render the accelerate/DeepSpeed setup and start it"),
+    "submit": ("distributed_tune.slurm", "cmd_submit", "render a SLURM batch script and sbatch it"),
+    "evaluate": ("distributed_tune.evaluate", "cmd_evaluate", "score a run or model folder on the dev sets"),
+    "predict": ("distributed_tune.predict", "cmd_predict", "label sentences with a trained model"),
+    "sweep": ("distributed_tune.sweep", "cmd_sweep", "run one config over several seeds"),
+    "report": ("distributed_tune.report", "cmd_report", "markdown report with plots for a run or sweep"),
+    "config": ("distributed_tune.cli", "cmd_config", "print every config key with its type, default and meaning"),
 }
 
 
@@ -65,12 +73,16 @@ def cmd_config(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        _train_parser("python -m distributed_tune").print_help()
+        print("\ncommands (python -m distributed_tune COMMAND --help):")
+        for name, (_, _, text) in COMMANDS.items():
+            print(f"  {name:9s} {text}")
+        return 0
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    if command == "launch":
-        from distributed_tune.launcher import cmd_launch as handler
-    else:
-        handler = {"train": cmd_train, "config": cmd_config}[command]
+    module, function, _ = COMMANDS[command]
     try:
+        handler = getattr(importlib.import_module(module), function)
         return handler(argv)
     except DistributedTuneError as e:
         # Every rank hits the same input error; say it once.

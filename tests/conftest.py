@@ -1,0 +1,104 @@
+"""Shared fixtures: the real CoLA files, a tiny BERT built from them, and real launches.
+
+Training runs go through real subprocesses (`python -m distributed_tune`, `accelerate launch`,
+`torchrun`), never through a mocked distributed layer. No test touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COLA_DIR = REPO.parent / "shared" / "data" / "cola"
+COLA_RAW = COLA_DIR / "raw"
+COLA_ZIP = COLA_DIR / "cola_public_1.1.zip"
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Offline, CPU, one thread per process (torchrun's default for several processes, so that
+    1-process and 2-process runs do the same arithmetic)."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        # DeepSpeed JIT-builds a CPU comm op once (~45 s); keep it across test runs.
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")),
+    )
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 300,
+            env: dict[str, str] | None = None, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `distributed_tune` as a user would: plain python, `accelerate launch` or `torchrun`."""
+    if launcher == "python":
+        cmd = [sys.executable, "-m", "distributed_tune", *args]
+    elif launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "distributed_tune", *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), "-m", "distributed_tune", *args]
+    else:
+        raise ValueError(launcher)
+    proc = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def evals(run_dir: Path) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "split" in r]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_model import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dt-cache")
+
+
+@pytest.fixture()
+def base_args(tiny_model: Path, cache_dir: Path) -> list[str]:
+    """A short, fast run of the tiny model on the real CoLA files."""
+    return [
+        f"model.name={tiny_model}", f"data.source={COLA_DIR}", f"data.cache_dir={cache_dir}",
+        "train.epochs=1", "train.max_steps=8", "train.log_every=1",
+        "train.global_batch_size=16", "train.micro_batch_size=8", "train.lr=1e-3",
+    ]
