@@ -78,8 +78,14 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
     log_every: int = 10
     """Log loss, lr, grad norm and throughput every this many optimizer steps."""
-    eval_every: int = 0
-    """Evaluate every this many optimizer steps (0: only at the end of each epoch)."""
+    eval_every: int = 50
+    """Evaluate every this many optimizer steps (0: only at the end of each epoch). 50 is about 5
+    evaluations per epoch at batch 32: CoLA runs can peak and fall within an epoch."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better dev MCC (0: never stop early)."""
+    select_best: bool = True
+    """The final model/ folder holds the weights of the best dev-MCC evaluation (training_info.json
+    says which step), not the last ones. Note: chosen on the dev set that is also reported."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every this many optimizer steps (0: only at epoch ends)."""
     keep_checkpoints: int = 2
@@ -376,6 +382,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    for key, value in {"train.eval_every": t.eval_every, "train.checkpoint_every": t.checkpoint_every,
+                       "train.early_stopping_patience": t.early_stopping_patience}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be 0 (off) or positive")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be at least 1 (or null for all epochs)")
     if not 0.0 <= t.warmup_ratio <= 1.0:

@@ -16,7 +16,7 @@ import json
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,34 @@ def micro_batch_seed(seed: int, epoch: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step, micro]).generate_state(1)[0])
 
 
+def seconds_since_process_start() -> float:
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+class Window:
+    """Sums over a logging window, kept on the device (no host sync per micro-batch):
+    loss, micro-batches, real tokens, padded tokens."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.one = torch.ones((), dtype=torch.float64, device=device)
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, mask: torch.Tensor, padded_tokens: int) -> None:
+        self.sums += torch.stack([loss.double(), self.one, mask.sum().double(), self.one * padded_tokens])
+
+    def flush(self, accelerator: Any) -> tuple[list[float], float, float]:
+        """Collective: (sums over all ranks, seconds since the last flush, optimizer steps)."""
+        sums = accelerator.reduce(self.sums, reduction="sum").tolist()
+        elapsed = time.perf_counter() - self.start
+        steps = sums[1] / (accelerator.num_processes * accelerator.gradient_accumulation_steps)
+        self.sums.zero_()
+        self.start = time.perf_counter()
+        return sums, elapsed, steps
+
+
 @dataclass
 class Progress:
     """Where training stands; saved in every checkpoint."""
@@ -58,8 +86,9 @@ class Progress:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps done in `epoch`
     optimizer_step: int = 0  # optimizer steps done in total
-    best_mcc: float = -1.0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    best_mcc: float = -2.0  # below any MCC, so the first evaluation is the best so far
+    best_step: int = -1
+    evals_without_improvement: int = 0
 
 
 class StopSignal:
@@ -135,6 +164,8 @@ class Recipe:
             "step_in_epoch": p.step_in_epoch,
             "optimizer_step": p.optimizer_step,
             "best_mcc": p.best_mcc,
+            "best_step": p.best_step,
+            "evals_without_improvement": p.evals_without_improvement,
             "world_size": self.derived.world_size,
             "zero_stage": self.cfg.distributed.zero_stage,
             "global_batch_size": self.derived.global_batch_size,
@@ -174,7 +205,8 @@ class Recipe:
         self.scheduler.load_state_dict(state["scheduler"])
         p = self.progress
         p.epoch, p.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        p.optimizer_step, p.best_mcc = state["optimizer_step"], state["best_mcc"]
+        p.optimizer_step, p.best_mcc, p.best_step = state["optimizer_step"], state["best_mcc"], state["best_step"]
+        p.evals_without_improvement = state["evals_without_improvement"]
         self.print(f"resumed from {ckpt} (epoch {p.epoch}, optimizer step {p.optimizer_step})")
 
     # ------------------------------------------------------------------ evaluation
@@ -223,7 +255,7 @@ class Recipe:
         p = self.progress
         for split in (IN_DOMAIN, OUT_OF_DOMAIN, DEV):
             self.log.write({"split": split, **result[split], "optimizer_step": p.optimizer_step,
-                            "epoch": p.epoch, "world_size": self.derived.world_size})
+                            "epoch": self.epoch_float(), "world_size": self.derived.world_size})
         dev = result[DEV]
         warn = "  (collapsed: one class predicted)" if dev["collapsed"] else ""
         self.print(
@@ -255,121 +287,178 @@ class Recipe:
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def run(self) -> dict[str, Any]:
+        """Train to the end (or a stop signal / early stop); returns how it ended."""
         self.setup()
-        cfg, acc, d, p = self.cfg, self.accelerator, self.derived, self.progress
-        stop = StopSignal()
-        rank, world, accum = acc.process_index, acc.num_processes, d.gradient_accumulation_steps
-        device = acc.device
-        # Running sums over the logging window, kept on the device (no sync per micro-batch):
-        # [loss sum, micro-batches, real tokens, padded tokens].
-        window = torch.zeros(4, dtype=torch.float64, device=device)
-        window_start, window_steps = time.perf_counter(), 0
-        last_eval_step = -1
-        bar = self._progress_bar(d.total_steps, p.optimizer_step)
+        p, d = self.progress, self.derived
+        self.stop = StopSignal()
+        self.bar = self._progress_bar(d.total_steps, p.optimizer_step)
+        self.window = Window(self.accelerator.device)
+        self.last_eval_step = -1
         self.model.train()
-
-        while p.optimizer_step < d.total_steps and p.epoch < cfg.train.epochs:
-            batches = global_batches(self.train_data.lengths, d.global_batch_size, cfg.seed, p.epoch,
-                                     cfg.data.length_grouping)
-            first_step = p.step_in_epoch  # > 0 when resuming mid-epoch
-            micro_batches = rank_micro_batches(batches, rank, world, accum, first_step)
-            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-            for i, index in enumerate(micro_batches):
-                step_in_epoch = first_step + i // accum
-                a = i % accum
-                batch = collate(self.train_data, index, d.pad_to_multiple_of)
-                del batch["index"]
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                torch.manual_seed(micro_batch_seed(cfg.seed, p.epoch, step_in_epoch, a * world + rank))
-                with acc.accumulate(self.model):
-                    loss = self.model(**batch).loss
-                    acc.backward(loss)
-                    grad_norm = None
-                    if acc.sync_gradients and cfg.train.max_grad_norm > 0:
-                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                loss = loss.detach()
-                nonfinite |= ~torch.isfinite(loss)
-                window += torch.stack([
-                    loss.double(), torch.ones((), dtype=torch.float64, device=device),
-                    batch["attention_mask"].sum().double(),
-                    torch.tensor(batch["input_ids"].numel(), dtype=torch.float64, device=device),
-                ])
-                if not acc.sync_gradients:
-                    continue
-
-                # ---- optimizer-step boundary
-                lr = self.scheduler.get_last_lr()[0]
-                self.scheduler.step()
-                p.optimizer_step += 1
-                p.step_in_epoch = step_in_epoch + 1
-                window_steps += 1
-                stopping, bad_loss = self.boundary_consensus(stop, nonfinite)
-                if bad_loss:
-                    raise TrainingError(
-                        f"non-finite loss at optimizer step {p.optimizer_step} (epoch {p.epoch}); "
-                        f"last good checkpoint: {checkpoint.latest_good(self.run_dir, warn=lambda _: None)}; "
-                        "lower train.lr or use bf16/fp32"
-                    )
-                if p.optimizer_step % cfg.train.log_every == 0 or p.optimizer_step == d.total_steps:
-                    window = self._log_window(window, window_start, window_steps, lr, grad_norm)
-                    window_start, window_steps = time.perf_counter(), 0
-                if bar is not None:
-                    bar[0].update(bar[1], completed=p.optimizer_step)
-                epoch_end = p.step_in_epoch == d.steps_per_epoch
-                done = p.optimizer_step >= d.total_steps
-                if (cfg.train.eval_every and p.optimizer_step % cfg.train.eval_every == 0) or epoch_end or done:
-                    if epoch_end:
-                        p.epoch, p.step_in_epoch = p.epoch + 1, 0
-                    # Checkpoint before evaluating: building eval batches must not perturb what
-                    # the resumed run would see (PLATFORM.md).
-                    if (cfg.train.checkpoint_every and p.optimizer_step % cfg.train.checkpoint_every == 0) or epoch_end:
-                        self.save_checkpoint()
-                    self.log_evaluation(self.evaluate())
-                    last_eval_step = p.optimizer_step
-                elif cfg.train.checkpoint_every and p.optimizer_step % cfg.train.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if stopping:
-                    return self._preempted(stop)
-                if done or epoch_end:
-                    break
-            else:  # an epoch that resumed at its very end has nothing left to run
-                p.epoch, p.step_in_epoch = p.epoch + 1, 0
-
-        if bar is not None:
-            bar[0].stop()
-        if last_eval_step != p.optimizer_step:
-            self.log_evaluation(self.evaluate())
-        self.save_model()
-        acc.wait_for_everyone()
-        acc.end_training()
-        return {"optimizer_step": p.optimizer_step, "preempted": False}
-
-    def _preempted(self, stop: StopSignal) -> dict[str, Any]:
-        self.print(f"stop signal {stop.received}: saving at optimizer step {self.progress.optimizer_step}")
-        self.save_checkpoint()
+        outcome = "done"
+        while p.optimizer_step < d.total_steps and p.epoch < self.cfg.train.epochs:
+            outcome = self.train_epoch()
+            if outcome != "epoch_end":
+                break
+        if self.bar is not None:
+            self.bar[0].stop()
+        if outcome == "preempted":
+            return self._preempted()
+        if self.last_eval_step != p.optimizer_step:
+            self.after_evaluation(self.evaluate())
+        if not self.cfg.train.select_best or not (self.run_dir / "model").exists():
+            self.save_model(reason="final")
         self.accelerator.wait_for_everyone()
-        return {"optimizer_step": self.progress.optimizer_step, "preempted": True}
+        self.accelerator.end_training()
+        return {"optimizer_step": p.optimizer_step, "preempted": False, "outcome": outcome}
 
-    def _log_window(self, window: torch.Tensor, start: float, steps: int, lr: float,
-                    grad_norm: Any) -> torch.Tensor:
-        sums = self.accelerator.reduce(window, reduction="sum").tolist()
-        elapsed = time.perf_counter() - start
-        samples = steps * self.derived.global_batch_size
+    def train_epoch(self) -> str:
+        """Run the rest of `progress.epoch`; returns 'epoch_end', 'done', 'early_stop' or 'preempted'."""
+        cfg, acc, d, p = self.cfg, self.accelerator, self.derived, self.progress
+        rank, world, accum = acc.process_index, acc.num_processes, d.gradient_accumulation_steps
+        batches = global_batches(self.train_data.lengths, d.global_batch_size, cfg.seed, p.epoch,
+                                 cfg.data.length_grouping)
+        first_step = p.step_in_epoch  # > 0 when resuming mid-epoch
+        seen: list[np.ndarray] = []  # this rank's examples, for the end-of-epoch audit
+        nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
+        for i, index in enumerate(rank_micro_batches(batches, rank, world, accum, first_step)):
+            step_in_epoch = first_step + i // accum
+            seen.append(index)
+            # Dropout masks depend on (seed, epoch, step, micro-batch), not on rank or layout.
+            torch.manual_seed(micro_batch_seed(cfg.seed, p.epoch, step_in_epoch, (i % accum) * world + rank))
+            batch = collate(self.train_data, index, d.pad_to_multiple_of)
+            del batch["index"]
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            with acc.accumulate(self.model):
+                loss = self.model(**batch).loss
+                acc.backward(loss)
+                grad_norm = None
+                if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss = loss.detach()
+            nonfinite |= ~torch.isfinite(loss)
+            self.window.add(loss, batch["attention_mask"], batch["input_ids"].numel())
+            if not acc.sync_gradients:
+                continue
+            p.step_in_epoch = step_in_epoch + 1
+            if p.step_in_epoch == d.steps_per_epoch:
+                self.audit_epoch(seen, first_step)
+            outcome = self.step_boundary(grad_norm, nonfinite)
+            if outcome is not None:
+                return outcome
+        p.epoch, p.step_in_epoch = p.epoch + 1, 0  # resumed exactly at the end of an epoch
+        return "epoch_end"
+
+    def step_boundary(self, grad_norm: Any, nonfinite: torch.Tensor) -> str | None:
+        """After each optimizer step: schedule, log, evaluate, checkpoint, stop. None: go on."""
+        cfg, d, p = self.cfg.train, self.derived, self.progress
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        p.optimizer_step += 1
+        stopping, bad_loss = self.boundary_consensus(self.stop, nonfinite)
+        if bad_loss:
+            last = checkpoint.latest_good(self.run_dir, warn=lambda _: None)
+            raise TrainingError(
+                f"non-finite loss at optimizer step {p.optimizer_step} (epoch {p.epoch}); last good checkpoint: "
+                f"{last or 'none'}; lower train.lr, check the model weights, or use bf16/fp32 instead of fp16"
+            )
+        if p.optimizer_step == 1 and self.is_main:
+            self.log.write({"event": "first_step", "startup_s": round(seconds_since_process_start(), 3),
+                            "world_size": d.world_size})
+        if p.optimizer_step % cfg.log_every == 0 or p.optimizer_step == d.total_steps:
+            self._log_window(lr, grad_norm)
+        if self.bar is not None:
+            self.bar[0].update(self.bar[1], completed=p.optimizer_step)
+
+        epoch_end = p.step_in_epoch == d.steps_per_epoch
+        done = p.optimizer_step >= d.total_steps
+        if epoch_end:
+            p.epoch, p.step_in_epoch = p.epoch + 1, 0
+        evaluate = (cfg.eval_every and p.optimizer_step % cfg.eval_every == 0) or epoch_end or done
+        # Checkpoint before evaluating: building eval batches must not perturb what a resumed
+        # run would see (PLATFORM.md). Stop signals are honoured after the checkpoint.
+        if (cfg.checkpoint_every and p.optimizer_step % cfg.checkpoint_every == 0) or epoch_end or stopping:
+            self.save_checkpoint()
+        if stopping:
+            return "preempted"
+        if evaluate:
+            if self.after_evaluation(self.evaluate()):
+                return "early_stop"
+        if done:
+            return "done"
+        return "epoch_end" if epoch_end else None
+
+    def audit_epoch(self, seen: list[np.ndarray], first_step: int) -> None:
+        """Collective, once per epoch: every example trained on at most once, by one rank."""
+        from accelerate.utils import gather_object
+
+        mine = np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64)
+        per_rank = gather_object([mine.tolist()])
+        if self.is_main:
+            flat = [i for part in per_rank for i in part]
+            d = self.derived
+            expected = (d.steps_per_epoch - first_step) * d.global_batch_size
+            if len(flat) != expected or len(set(flat)) != len(flat):
+                raise AssertionError(
+                    f"epoch {self.progress.epoch}: {len(flat)} examples trained ({len(set(flat))} distinct), "
+                    f"expected {expected} distinct: the data was not split across ranks correctly"
+                )
+            self.log.write({"event": "epoch_data", "epoch": self.progress.epoch, "examples": len(flat),
+                            "distinct": len(set(flat)), "per_rank": [len(part) for part in per_rank],
+                            "from_step": first_step, "world_size": d.world_size})
+
+    def after_evaluation(self, result: dict[str, Any]) -> bool:
+        """Log the evaluation, keep the best model; True when early stopping says stop."""
+        self.last_eval_step = self.progress.optimizer_step
+        self.log_evaluation(result)
+        p, cfg = self.progress, self.cfg.train
+        # Rank 0 computed the MCC; every rank must take the same decisions.
+        mcc = self._broadcast(result[DEV]["mcc"] if self.is_main else 0.0)
+        improved = mcc > p.best_mcc
+        if improved:
+            p.best_mcc, p.best_step, p.evals_without_improvement = mcc, p.optimizer_step, 0
+            if cfg.select_best:
+                self.save_model(reason="best dev MCC")
+        else:
+            p.evals_without_improvement += 1
+        if cfg.early_stopping_patience and p.evals_without_improvement >= cfg.early_stopping_patience:
+            self.print(f"early stop: dev MCC has not improved on {p.best_mcc:.4f} (step {p.best_step}) "
+                       f"for {p.evals_without_improvement} evaluations")
+            return True
+        return False
+
+    def epoch_float(self) -> float:
+        """Epochs done, fractional (optimizer steps / steps per epoch), as the HF Trainer logs it."""
+        return round(self.progress.optimizer_step / self.derived.steps_per_epoch, 4)
+
+    def _broadcast(self, value: float) -> float:
+        from accelerate.utils import broadcast
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        return float(broadcast(t, from_process=0).item())
+
+    def _preempted(self) -> dict[str, Any]:
+        self.print(f"stop signal {self.stop.received}: checkpoint saved at optimizer step "
+                   f"{self.progress.optimizer_step}; resume with --resume")
+        self.accelerator.wait_for_everyone()
+        return {"optimizer_step": self.progress.optimizer_step, "preempted": True, "outcome": "preempted"}
+
+    def _log_window(self, lr: float, grad_norm: Any) -> None:
+        """One collective: sum the window over ranks, write one training record."""
+        sums, elapsed, steps = self.window.flush(self.accelerator)
         record = {
             "optimizer_step": self.progress.optimizer_step,
-            "epoch": self.progress.epoch,
+            "epoch": self.epoch_float(),
             "loss": sums[0] / sums[1],
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "samples_per_s": samples / elapsed,
+            "samples_per_s": steps * self.derived.global_batch_size / elapsed,
             "tokens_per_s": sums[2] / elapsed,
             "padding_fraction": 1.0 - sums[2] / sums[3],
         }
-        if self.is_main:
-            self.log.write(record)
-        return torch.zeros_like(window)
+        self.log.write(record)
 
     def _progress_bar(self, total: int, done: int) -> Any:
         if not self.is_main:
@@ -384,8 +473,9 @@ class Recipe:
 
     # ------------------------------------------------------------------ export
 
-    def save_model(self) -> Path:
-        """The final weights as a `save_pretrained` folder (gathered under ZeRO-3) + tokenizer."""
+    def save_model(self, reason: str) -> Path:
+        """The weights as a `save_pretrained` folder (gathered under ZeRO-3) + tokenizer, with
+        `training_info.json` saying which step they are and why they were kept."""
         acc = self.accelerator
         state = acc.get_state_dict(self.model)  # collective under ZeRO-3; None off rank 0
         out = self.run_dir / "model"
@@ -396,6 +486,11 @@ class Recipe:
             # save_pretrained pops tensors out of the dict it gets: hand it a copy.
             unwrapped.save_pretrained(tmp, state_dict=dict(state), safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
+            p = self.progress
+            (tmp / "training_info.json").write_text(json.dumps({
+                "selected": reason, "optimizer_step": p.optimizer_step, "epoch": p.epoch,
+                "dev_mcc": p.best_mcc if reason != "final" else None, "run_dir": str(self.run_dir.resolve()),
+            }, indent=1))
             shutil.rmtree(out, ignore_errors=True)
             tmp.replace(out)
         acc.wait_for_everyone()
