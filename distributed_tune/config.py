@@ -228,7 +228,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
 
     inner = _optional_inner(tp)
     if inner is not None:
-        return None if value is None else _coerce(value, inner, key, where)
+        if value is None:
+            return None
+        try:
+            return _coerce(value, inner, key, where)
+        except ConfigError:
+            raise bad() from None
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):

@@ -46,3 +46,24 @@ def make_tiny_bert(path: Path, vocab_size: int = 400, hidden: int = 16, layers: 
 
 if __name__ == "__main__":
     print(make_tiny_bert(Path(sys.argv[1])))
+
+
+def make_tiny_gpt2(path: Path, vocab_size: int = 300, hidden: int = 16, seed: int = 0) -> Path:
+    """A tiny GPT-2 (byte-level BPE trained on CoLA) whose tokenizer has no pad token."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(cola_sentences(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = GPT2TokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                             unk_token="<|endoftext|>")
+    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_embd=hidden, n_layer=2, n_head=2, n_positions=128)
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

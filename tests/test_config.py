@@ -1,0 +1,94 @@
+"""Config parsing, overrides, every error message, derived numbers, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distributed_tune.cli import main
+from distributed_tune.config import Config, derive, dump_resolved, load_config, read_yaml
+from distributed_tune.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_yaml_and_overrides_merge(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "seed: 7\ntrain:\n  lr: 3.0e-5\n  epochs: 2\n"),
+                      ["train.epochs=4", "model.name=/m", "train.adam_betas=[0.9, 0.98]", "train.max_steps=null"])
+    assert (cfg.seed, cfg.train.lr, cfg.train.epochs, cfg.model.name) == (7, 3e-5, 4, "/m")
+    assert cfg.train.adam_betas == (0.9, 0.98) and cfg.train.max_steps is None
+    assert cfg.train.micro_batch_size == Config().train.micro_batch_size  # default kept
+    # YAML reads 2e-5 (no dot) as a string: accepted as a float all the same.
+    assert load_config(None, ["train.lr=2e-5"]).train.lr == 2e-5
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("train:\n  lrr: 1\n", [], "c.yaml: unknown key 'train.lrr'; did you mean 'train.lr'?"),
+    ("trian:\n  lr: 1\n", [], "c.yaml: unknown key 'trian'; did you mean 'train'?"),
+    ("train:\n  epochs: three\n", [], "c.yaml: train.epochs must be int, got 'three'"),
+    ("precision: fp8\n", [], "c.yaml: precision must be 'fp32' | 'bf16' | 'fp16', got 'fp8'"),
+    ("model:\n  dropout: yes\n", [], "c.yaml: model.dropout must be float or null, got True"),
+    ("", ["train.epoch=3"], "override: unknown key 'train.epoch'; did you mean 'train.epochs'?"),
+    ("", ["train.epochs"], "override 'train.epochs' must look like key=value (e.g. train.epochs=4)"),
+    ("", ["resume=maybe"], "override: resume must be bool, got 'maybe'"),
+    ("", ["distributed.zero_stage=4"], "distributed.zero_stage=4 must be 0, 1, 2, 3 or null (plain DDP)"),
+    ("", ["distributed.offload_params=cpu", "distributed.zero_stage=2"],
+     "distributed.offload_params=cpu needs distributed.zero_stage=3 (now 2); parameter offload exists only in ZeRO-3"),
+    ("", ["distributed.offload_optimizer=cpu", "distributed.zero_stage=0"],
+     "distributed.offload_optimizer=cpu needs DeepSpeed ZeRO stage 1, 2 or 3; set distributed.zero_stage (now 0)"),
+    ("", ["train.warmup_ratio=1.5"], "train.warmup_ratio=1.5 must be between 0 and 1"),
+    ("", ["train.micro_batch_size=0"], "train.micro_batch_size=0 must be at least 1"),
+    ("", ["resume=true", "overwrite=true"], "resume=true and overwrite=true contradict each other; pick one"),
+])
+def test_errors_name_the_key_and_the_fix(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text), overrides)
+    assert str(e.value).endswith(message), str(e.value)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "seed: 1\ntrain:\n  lr: [1, 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+: YAML syntax error: .*; fix the file"):
+        read_yaml(p)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(write(tmp_path, "train:\n  lrr: 1\n"))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'c.yaml'}: unknown key 'train.lrr'; did you mean 'train.lr'?"]
+
+
+def test_derived_numbers_and_batch_arithmetic() -> None:
+    cfg = load_config(None, ["train.global_batch_size=32", "train.micro_batch_size=8", "train.epochs=3",
+                             "train.warmup_ratio=0.1", "precision=bf16"])
+    d = derive(cfg, world_size=2, train_examples=8551)
+    assert (d.gradient_accumulation_steps, d.steps_per_epoch, d.total_steps, d.warmup_steps) == (2, 267, 801, 81)
+    assert d.pad_to_multiple_of == 8  # mixed precision pads to multiples of 8
+    assert derive(load_config(None, ["train.max_steps=10"]), 1, 8551).total_steps == 10
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=32 is not a multiple of train.micro_batch_size=8 "
+                                          r"x world size 3 = 24; pick a global batch that is a multiple of 24"):
+        derive(cfg, world_size=3, train_examples=8551)
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["train.lr=3e-5", "distributed.zero_stage=2", "train.micro_batch_size=8"])
+    d = derive(cfg, 4, 8551)
+    dump_resolved(cfg, d, tmp_path / "config.yaml")
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert data["derived"]["world_size"] == 4 and data["derived"]["total_steps"] == 3 * 267
+    assert load_config(tmp_path / "config.yaml") == cfg  # the derived section is a record, not input
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.output_dir.startswith("runs/")
+    assert path.read_text().startswith("#")  # opens with the command that runs it
