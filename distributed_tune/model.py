@@ -113,7 +113,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": skip, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, foreach=True)
+    impl = {"fused": True} if cfg.fused_adamw else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, **impl)
 
 
 def linear_warmup_decay(warmup_steps: int, total_steps: int):
