@@ -291,9 +291,11 @@ def render_slurm(args: argparse.Namespace, sweep_dir: Path, seeds: list[int], ar
 
     from distributed_tune.config import load_config
     from distributed_tune.launcher import Topology, check_resumable, render
-    from distributed_tune.slurm import SCRIPT, Job, check_time, render_script
+    from distributed_tune.slurm import SCRIPT, Job, check_header, render_script
 
-    check_time(args.time)
+    # The same checks as `submit`: values that become #SBATCH lines.
+    check_header(argparse.Namespace(time=args.time, partition=args.partition, account=args.account, job_name=None,
+                                    sbatch_option=args.sbatch_option))
     job = Job(nodes=args.nodes, gpus_per_node=max(args.gpus, 1), time=args.time, partition=args.partition,
               account=args.account, job_name=f"dt-sweep-{sweep_dir.resolve().name}", cpus_per_task=args.cpus_per_task,
               extra=tuple(args.sbatch_option))
