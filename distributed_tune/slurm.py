@@ -230,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--job-name", help="default: dt-<run directory name>")
     ap.add_argument("--cpus-per-task", type=int, help="CPUs per node for the launcher and all its processes")
     ap.add_argument("--signal-lead", type=int, default=90, metavar="SECONDS",
-                    help="USR1 this long before the time limit: enough to finish a step and save (default 90)")
+                    help="USR1 this long before the time limit: time to reach the next stop check and save (default 90)")
     ap.add_argument("--sbatch-option", action="append", default=[], metavar="KEY[=VALUE]",
                     help="extra #SBATCH line, repeatable: --sbatch-option qos=high --sbatch-option exclusive")
     ap.add_argument("--dry-run", action="store_true", help="write the files, do not call sbatch")

@@ -66,7 +66,12 @@ def loss_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    return sum(1 for line in path.read_text().splitlines() if line.endswith("}") and '"loss"' in line)
+    return sum(1 for line in path.read_text().splitlines() if line.endswith("}") and is_train_record(json.loads(line)))
+
+
+def is_train_record(record: dict) -> bool:
+    """A logged optimizer step (not an evaluation, not an event such as the run summary)."""
+    return "loss" in record and "optimizer_step" in record and "split" not in record and "event" not in record
 
 
 def run_job(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 240, *,
@@ -107,7 +112,7 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     """optimizer_step -> loss; fails on a step logged twice (a resume that replayed steps)."""
     out: dict[int, float] = {}
     for r in read_jsonl(run_dir / "metrics.jsonl"):
-        if "loss" in r:
+        if is_train_record(r):
             assert r["optimizer_step"] not in out, f"step {r['optimizer_step']} logged twice in {run_dir}"
             out[r["optimizer_step"]] = r["loss"]
     return out
