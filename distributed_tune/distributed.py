@@ -74,6 +74,26 @@ def check_hardware(cfg: Config) -> None:
         )
 
 
+def check_rendered_deepspeed_file(ds_config: dict[str, Any]) -> None:
+    """`accelerate launch` names the rendered ds_config.json (ACCELERATE_DEEPSPEED_CONFIG_FILE);
+    the processes use the dict built from config.yaml. Refuse to run if the file was edited by
+    hand, rather than silently ignore the edit."""
+    import json
+
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        on_disk = json.load(f)
+    if on_disk == ds_config:
+        return
+    keys = sorted(k for k in set(on_disk) | set(ds_config) if on_disk.get(k) != ds_config.get(k))
+    raise ConfigError(
+        f"{path} differs from what the training config renders (keys: {', '.join(keys)}); it is generated: "
+        "change the training config (config.yaml or key=value overrides) and launch again"
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,6 +119,9 @@ def build_accelerator(cfg: Config) -> Any:
         # We step the LR schedule once per optimizer step ourselves; accelerate would step it
         # num_processes times.
         "step_scheduler_with_optimizer": False,
+        # Also under DeepSpeed: accelerate copies the JSON's value only inside prepare(), and
+        # until then `accumulate()` and the check below would see its default of 1.
+        "gradient_accumulation_steps": accumulation,
     }
     if deepspeed:
         if "RANK" not in os.environ:
@@ -107,12 +130,13 @@ def build_accelerator(cfg: Config) -> Any:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if use_cpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
+        ds_config = deepspeed_config(cfg, world)
+        check_rendered_deepspeed_file(ds_config)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
     else:
         # cpu=True also makes torchrun-started processes join one gloo group; it must not be set
         # with DeepSpeed, which it would silently turn off.
         kwargs["cpu"] = use_cpu
-        kwargs["gradient_accumulation_steps"] = accumulation
     if use_cpu and "RANK" in os.environ:
         # A process group on CPU is gloo; without saying so, DeepSpeed believes it runs alone.
         pg.backend = "gloo"
@@ -127,7 +151,7 @@ def build_accelerator(cfg: Config) -> Any:
     if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise ConfigError(
             f"distributed.zero_stage={cfg.distributed.zero_stage} is set but accelerate runs "
-            f"{accelerator.distributed_type}, not DeepSpeed; do not pass --cpu / use_cpu with DeepSpeed"
+            f"{accelerator.distributed_type.value}, not DeepSpeed; do not pass --cpu / use_cpu with DeepSpeed"
         )
     if accelerator.gradient_accumulation_steps != accumulation:
         raise ConfigError(

@@ -27,10 +27,10 @@ from typing import Any
 
 import yaml
 
-from distributed_tune.checkpoint import refuse_used_run_dir
+from distributed_tune import checkpoint
 from distributed_tune.config import Config, check_batch_arithmetic, dump_resolved
-from distributed_tune.distributed import deepspeed_config
-from distributed_tune.errors import ConfigError
+from distributed_tune.distributed import check_hardware, deepspeed_config
+from distributed_tune.errors import ConfigError, RunDirError
 
 DEFAULT_PORT = 29500
 
@@ -106,6 +106,24 @@ def launch_command(paths: dict[str, Path], topo: Topology, python: str = sys.exe
     return [python, "-m", "accelerate.commands.launch", "--config_file", str(paths["accelerate"]), *train]
 
 
+def check_resumable(cfg: Config, world_size: int) -> None:
+    """Refuse to start N processes on ZeRO state sharded over M != N (the training processes would
+    each fail the same way after their imports; this says it once, before anything starts)."""
+    if not cfg.resume or cfg.distributed.zero_stage is None:
+        return
+    ckpt = checkpoint.latest_good(Path(cfg.output_dir), warn=lambda _: None)
+    if ckpt is None:
+        return
+    saved = checkpoint.read_trainer_state(ckpt).get("world_size")
+    if saved is not None and saved != world_size:
+        raise RunDirError(
+            f"{ckpt} holds ZeRO state sharded over {saved} processes but this launch starts {world_size} "
+            "(nodes x processes per node); "
+            f"resume with {saved} processes, or start a new run from consolidated weights "
+            f"(DeepSpeed's zero_to_fp32.py in {ckpt})"
+        )
+
+
 def cmd_launch(argv: list[str]) -> int:
     from distributed_tune.cli import load_from_args
 
@@ -123,8 +141,13 @@ def cmd_launch(argv: list[str]) -> int:
     if args.gpus < 1 or args.nodes < 1:
         raise ConfigError(f"--gpus={args.gpus} and --nodes={args.nodes} must be at least 1")
     cfg = load_from_args(args)
-    refuse_used_run_dir(cfg)
+    checkpoint.refuse_used_run_dir(cfg)
     topo = Topology(nodes=args.nodes, gpus_per_node=args.gpus, main_process_port=args.port)
+    check_batch_arithmetic(cfg, topo.world_size)
+    check_resumable(cfg, topo.world_size)
+    if not args.dry_run:
+        # A dry run may render files for another machine (fp16 for a GPU cluster, from a laptop).
+        check_hardware(cfg)
     paths = render(cfg, topo)
     cmd = launch_command(paths, topo)
     for path in paths.values():
