@@ -15,12 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from distributed_tune.config import Config
 from distributed_tune.errors import RunDirError
 
 MANIFEST = "COMPLETE"
 # What marks a run directory as used: a new run refuses it unless resume/overwrite is set.
 RESULTS = ("metrics.jsonl", "checkpoints", "model", "predictions.jsonl")
+# Derived from a run's results by `evaluate` / `report`; stale once the run is replaced.
+DERIVED_OUTPUTS = ("eval", "report")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -101,12 +105,17 @@ def save(
             tmp.replace(final)
             for old in list_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # A full disk (or file size limit) surfaces as OSError from our writes, RuntimeError from
+        # torch.save and SafetensorError from safetensors.
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        reason = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0][:200]
+        free_mb = shutil.disk_usage(parent).free // 2**20
+        previous = latest_good(run_dir, warn=lambda _: None)
         raise RunDirError(
-            f"could not save checkpoint {final} ({e.strerror or e}); the previous checkpoint is kept; "
-            "free disk space and resume with --resume"
+            f"could not save checkpoint {final} ({reason}; {free_mb} MiB free there); the previous checkpoint "
+            f"{previous or '(none)'} is kept; free disk space and resume with --resume"
         ) from None
     accelerator.wait_for_everyone()
     return final
@@ -130,6 +139,6 @@ def refuse_used_run_dir(cfg: Config) -> Path:
 
 def clear_results(run_dir: Path) -> None:
     """--overwrite: remove the previous run's results (the rendered launch files stay)."""
-    for name in RESULTS:
+    for name in RESULTS + DERIVED_OUTPUTS:
         p = run_dir / name
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

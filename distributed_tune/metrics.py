@@ -37,5 +37,17 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+    def truncate_after(self, optimizer_step: int) -> None:
+        """On resume: drop what a crashed attempt logged after the checkpoint it resumes from
+        (those steps run again), and the attempt's own summary records."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        keep = [r for r in read_metrics(self.path)
+                if r.get("optimizer_step", 0) <= optimizer_step and r.get("event") not in ("train_summary", "finished")]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(self.path)
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

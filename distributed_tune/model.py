@@ -134,6 +134,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup_steps, total_steps))
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def training_flops_per_token(model: torch.nn.Module) -> float:
+    """~6 FLOPs per parameter per token (forward + backward), embeddings excluded: a lookup is
+    no matmul. Attention scores are left out; on ~11-token CoLA sentences they are negligible."""
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return 6.0 * (sum(p.numel() for p in model.parameters()) - embedding)
+
+
+# Dense peak TFLOP/s by GPU name and precision, for model FLOP utilisation (MFU).
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},  # fp32 runs as TF32 matmuls
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+}
+
+
+def peak_flops(precision: str) -> float | None:
+    """The CUDA device's dense peak in FLOP/s, or None off CUDA / for an unknown card."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks[precision] * 1e12
+    return None
 

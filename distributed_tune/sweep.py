@@ -126,17 +126,8 @@ def seed_dir(sweep_dir: Path, seed: int) -> Path:
 
 
 def run_finished(run_dir: Path) -> bool:
-    """Training ended (not preempted, not still running): the exported model exists and the run
-    evaluated its last trained step after its end-of-training summary."""
-    if not (run_dir / "model" / "config.json").is_file():
-        return False
-    records = _records(run_dir) or []
-    if any(r.get("event") == "finished" for r in records):  # an explicit end record, when the loop writes one
-        return True
-    dev_steps = [r["optimizer_step"] for r in records if r.get("split") == DEV]
-    trained = [r["optimizer_step"] for r in records if "loss" in r and "optimizer_step" in r]
-    ended = any(r.get("event") == "train_summary" for r in records)
-    return ended and bool(dev_steps) and dev_steps[-1] >= max(trained, default=0)
+    """Training ended (not preempted, not still running): the loop's last record says so."""
+    return any(r.get("event") == "finished" for r in _records(run_dir) or [])
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]] | None:

@@ -12,10 +12,12 @@ dev example was predicted exactly once before it computes MCC.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,6 @@ from distributed_tune.data import (
     OUT_OF_DOMAIN,
     CoLA,
     collate,
-    eval_shard,
     global_batches,
     load_cola,
     rank_micro_batches,
@@ -40,10 +41,22 @@ from distributed_tune.data import (
 )
 from distributed_tune.distributed import build_accelerator
 from distributed_tune.errors import RunDirError, TrainingError
-from distributed_tune.metrics import MetricsLog, classification_metrics
-from distributed_tune.model import build_optimizer, build_scheduler, load_model, load_tokenizer
+from distributed_tune.evaluation import EVAL_BATCH, metrics_by_split, predict_distributed
+from distributed_tune.metrics import MetricsLog
+from distributed_tune.model import (
+    build_optimizer,
+    build_scheduler,
+    load_model,
+    load_tokenizer,
+    peak_flops,
+    training_flops_per_token,
+)
+from distributed_tune.slurm import requeue_job
 
-EVAL_BATCH = 128
+# Optimizer steps between checks for stop signals and non-finite losses (each is a host-device
+# sync and a collective); checks also run before every checkpoint and evaluation.
+CONSENSUS_EVERY = 10
+NO_BAD_STEP = 2**62
 
 
 def micro_batch_seed(seed: int, epoch: int, step: int, micro: int) -> int:
@@ -58,24 +71,34 @@ def seconds_since_process_start() -> float:
 
 
 class Window:
-    """Sums over a logging window, kept on the device (no host sync per micro-batch):
-    loss, micro-batches, real tokens, padded tokens."""
+    """Training sums kept on the device (no host sync per micro-batch): loss, micro-batches,
+    real tokens, padded tokens. Time spent evaluating or checkpointing is not training time."""
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self.one = torch.ones((), dtype=torch.float64, device=device)
-        self.start = time.perf_counter()
+        self.start, self.paused = time.perf_counter(), 0.0
+        self.totals = [0.0] * 4  # over the whole run, for the summary record
+        self.train_seconds = 0.0
 
     def add(self, loss: torch.Tensor, mask: torch.Tensor, padded_tokens: int) -> None:
         self.sums += torch.stack([loss.double(), self.one, mask.sum().double(), self.one * padded_tokens])
 
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.paused += time.perf_counter() - t0
+
     def flush(self, accelerator: Any) -> tuple[list[float], float, float]:
-        """Collective: (sums over all ranks, seconds since the last flush, optimizer steps)."""
+        """Collective: (sums over all ranks, training seconds since the last flush, optimizer steps)."""
         sums = accelerator.reduce(self.sums, reduction="sum").tolist()
-        elapsed = time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start - self.paused
         steps = sums[1] / (accelerator.num_processes * accelerator.gradient_accumulation_steps)
+        self.totals = [a + b for a, b in zip(self.totals, sums)]
+        self.train_seconds += elapsed
         self.sums.zero_()
-        self.start = time.perf_counter()
+        self.start, self.paused = time.perf_counter(), 0.0
         return sums, elapsed, steps
 
 
@@ -128,6 +151,8 @@ class Recipe:
 
         torch.manual_seed(cfg.seed)  # the new classifier head is initialised from this
         model = load_model(cfg.model, self.tokenizer.pad_token_id)
+        self.flops_per_token = training_flops_per_token(model)
+        self.peak_flops = peak_flops(cfg.precision)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(model, cfg.train))
         # After prepare: ZeRO-3 regroups the optimizer's parameters, and the schedule must drive
         # the groups the engine really steps.
@@ -202,6 +227,8 @@ class Recipe:
                 f"resume with the same global batch (now {self.derived.global_batch_size})"
             )
         self.accelerator.load_state(str(ckpt))
+        if self.is_main:
+            self.log.truncate_after(state["optimizer_step"])
         self.scheduler.load_state_dict(state["scheduler"])
         p = self.progress
         p.epoch, p.step_in_epoch = state["epoch"], state["step_in_epoch"]
@@ -211,41 +238,13 @@ class Recipe:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Predict every dev sentence once; rank 0 gets all predictions and computes MCC."""
-        from accelerate.utils import gather_object
-
-        acc, data = self.accelerator, self.dev_data
-        shard = eval_shard(data.lengths, acc.process_index, acc.num_processes)
-        self.model.eval()
-        local: list[tuple[int, int, float]] = []
-        for start in range(0, len(shard), EVAL_BATCH):
-            index = shard[start : start + EVAL_BATCH]
-            batch = collate(data, index, self.derived.pad_to_multiple_of)
-            logits = self.model(
-                input_ids=batch["input_ids"].to(acc.device),
-                attention_mask=batch["attention_mask"].to(acc.device),
-            ).logits.float()
-            probs = torch.softmax(logits, dim=-1)[:, 1].cpu().numpy()
-            local += [(int(i), int(p > 0.5), float(p)) for i, p in zip(index, probs) if i >= 0]
-        self.model.train()
-        gathered = gather_object(local)
+        """Predict every dev sentence once (gathered, checked exactly once); rank 0 computes MCC."""
+        preds, probs = predict_distributed(self.accelerator, self.model, self.dev_data, EVAL_BATCH,
+                                           self.derived.pad_to_multiple_of)
         result: dict[str, Any] = {}
         if self.is_main:
-            indices = sorted(i for i, _, _ in gathered)
-            if indices != list(range(len(data))):
-                raise AssertionError(
-                    f"gathered {len(indices)} predictions for {len(data)} dev examples "
-                    f"({len(set(indices))} distinct): an example was lost or counted twice"
-                )
-            gathered.sort()
-            preds = np.array([p for _, p, _ in gathered])
-            probs = np.array([q for _, _, q in gathered])
-            splits = np.array([e.split for e in self.cola.dev])
-            for split in (IN_DOMAIN, OUT_OF_DOMAIN, DEV):
-                m = np.ones(len(data), bool) if split == DEV else splits == split
-                result[split] = classification_metrics(data.labels[m], preds[m])
+            result = metrics_by_split(self.dev_data.labels, preds, [e.split for e in self.cola.dev], DEV)
             result["predictions"] = (preds, probs)
         return result
 
@@ -265,8 +264,9 @@ class Recipe:
         )
         self.write_predictions(*result["predictions"])
 
-    def write_predictions(self, preds: np.ndarray, probs: np.ndarray) -> None:
-        tmp = self.run_dir / "predictions.jsonl.tmp"
+    def write_predictions(self, preds: np.ndarray, probs: np.ndarray, path: Path | None = None) -> None:
+        path = path or self.run_dir / "predictions.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
         with tmp.open("w") as f:
             for i, (e, pred, prob) in enumerate(zip(self.cola.dev, preds, probs)):
                 f.write(json.dumps({
@@ -274,17 +274,19 @@ class Recipe:
                     "label": e.label, "pred": int(pred), "pred_label": LABELS[int(pred)],
                     "prob_acceptable": round(float(prob), 6),
                 }) + "\n")
-        tmp.replace(self.run_dir / "predictions.jsonl")
+        tmp.replace(path)
 
     # ------------------------------------------------------------------ training
 
-    def boundary_consensus(self, stop: StopSignal, nonfinite: torch.Tensor) -> tuple[bool, bool]:
-        """One small collective per optimizer step: did any rank get a signal or a bad loss?"""
-        flags = torch.stack([
-            torch.tensor(float(stop.received is not None), device=nonfinite.device), nonfinite.float()
-        ])
-        flags = self.accelerator.reduce(flags, reduction="sum")
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+    def boundary_consensus(self) -> tuple[bool, int | None]:
+        """Collective: did any rank get a stop signal, and did any see a non-finite loss (at which
+        optimizer step)? It syncs host and device, so it runs every CONSENSUS_EVERY steps and
+        before anything is saved, not on every step."""
+        flags = torch.stack([torch.tensor(float(self.stop.received is not None), device=self.first_bad.device),
+                             self.first_bad.double()])
+        gathered = self.accelerator.gather(flags).view(-1, 2)
+        first_bad = int(gathered[:, 1].min())
+        return bool(gathered[:, 0].max() > 0), (first_bad if first_bad < NO_BAD_STEP else None)
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or a stop signal / early stop); returns how it ended."""
@@ -293,6 +295,7 @@ class Recipe:
         self.stop = StopSignal()
         self.bar = self._progress_bar(d.total_steps, p.optimizer_step)
         self.window = Window(self.accelerator.device)
+        self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=self.accelerator.device)
         self.last_eval_step = -1
         self.model.train()
         outcome = "done"
@@ -302,6 +305,7 @@ class Recipe:
                 break
         if self.bar is not None:
             self.bar[0].stop()
+        self._log_summary()
         if outcome == "preempted":
             return self._preempted()
         if self.last_eval_step != p.optimizer_step:
@@ -309,6 +313,9 @@ class Recipe:
         if not self.cfg.train.select_best or not (self.run_dir / "model").exists():
             self.save_model(reason="final")
         self.accelerator.wait_for_everyone()
+        # The last line of a complete run (a sweep tells finished seeds from interrupted ones by it).
+        self.log.write({"event": "finished", "outcome": outcome, "optimizer_step": p.optimizer_step,
+                        "best_dev_mcc": p.best_mcc, "best_step": p.best_step})
         self.accelerator.end_training()
         return {"optimizer_step": p.optimizer_step, "preempted": False, "outcome": outcome}
 
@@ -320,7 +327,6 @@ class Recipe:
                                  cfg.data.length_grouping)
         first_step = p.step_in_epoch  # > 0 when resuming mid-epoch
         seen: list[np.ndarray] = []  # this rank's examples, for the end-of-epoch audit
-        nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
         for i, index in enumerate(rank_micro_batches(batches, rank, world, accum, first_step)):
             step_in_epoch = first_step + i // accum
             seen.append(index)
@@ -338,53 +344,56 @@ class Recipe:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             loss = loss.detach()
-            nonfinite |= ~torch.isfinite(loss)
+            # The first optimizer step with a non-finite loss, tracked on the device (no sync).
+            self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, p.optimizer_step + 1)
             self.window.add(loss, batch["attention_mask"], batch["input_ids"].numel())
             if not acc.sync_gradients:
                 continue
             p.step_in_epoch = step_in_epoch + 1
             if p.step_in_epoch == d.steps_per_epoch:
                 self.audit_epoch(seen, first_step)
-            outcome = self.step_boundary(grad_norm, nonfinite)
+            outcome = self.step_boundary(grad_norm)
             if outcome is not None:
                 return outcome
         p.epoch, p.step_in_epoch = p.epoch + 1, 0  # resumed exactly at the end of an epoch
         return "epoch_end"
 
-    def step_boundary(self, grad_norm: Any, nonfinite: torch.Tensor) -> str | None:
+    def step_boundary(self, grad_norm: Any) -> str | None:
         """After each optimizer step: schedule, log, evaluate, checkpoint, stop. None: go on."""
         cfg, d, p = self.cfg.train, self.derived, self.progress
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         p.optimizer_step += 1
-        stopping, bad_loss = self.boundary_consensus(self.stop, nonfinite)
-        if bad_loss:
-            last = checkpoint.latest_good(self.run_dir, warn=lambda _: None)
-            raise TrainingError(
-                f"non-finite loss at optimizer step {p.optimizer_step} (epoch {p.epoch}); last good checkpoint: "
-                f"{last or 'none'}; lower train.lr, check the model weights, or use bf16/fp32 instead of fp16"
-            )
+        epoch_end = p.step_in_epoch == d.steps_per_epoch
+        done = p.optimizer_step >= d.total_steps
+        evaluate = (cfg.eval_every and p.optimizer_step % cfg.eval_every == 0) or epoch_end or done
+        save = (cfg.checkpoint_every and p.optimizer_step % cfg.checkpoint_every == 0) or epoch_end
+        stopping = False
+        if p.optimizer_step % CONSENSUS_EVERY == 0 or evaluate or save:
+            stopping, bad_step = self.boundary_consensus()
+            if bad_step is not None:
+                last = checkpoint.latest_good(self.run_dir, warn=lambda _: None)
+                raise TrainingError(
+                    f"non-finite loss at optimizer step {bad_step} (epoch {p.epoch}); last good checkpoint: "
+                    f"{last or 'none'}; lower train.lr, check the model weights, or use bf16/fp32 instead of fp16"
+                )
         if p.optimizer_step == 1 and self.is_main:
             self.log.write({"event": "first_step", "startup_s": round(seconds_since_process_start(), 3),
                             "world_size": d.world_size})
-        if p.optimizer_step % cfg.log_every == 0 or p.optimizer_step == d.total_steps:
+        if p.optimizer_step % cfg.log_every == 0 or done:
             self._log_window(lr, grad_norm)
         if self.bar is not None:
             self.bar[0].update(self.bar[1], completed=p.optimizer_step)
-
-        epoch_end = p.step_in_epoch == d.steps_per_epoch
-        done = p.optimizer_step >= d.total_steps
         if epoch_end:
             p.epoch, p.step_in_epoch = p.epoch + 1, 0
-        evaluate = (cfg.eval_every and p.optimizer_step % cfg.eval_every == 0) or epoch_end or done
         # Checkpoint before evaluating: building eval batches must not perturb what a resumed
         # run would see (PLATFORM.md). Stop signals are honoured after the checkpoint.
-        if (cfg.checkpoint_every and p.optimizer_step % cfg.checkpoint_every == 0) or epoch_end or stopping:
-            self.save_checkpoint()
-        if stopping:
-            return "preempted"
-        if evaluate:
-            if self.after_evaluation(self.evaluate()):
+        with self.window.pause():
+            if save or stopping:
+                self.save_checkpoint()
+            if stopping:
+                return "preempted"
+            if evaluate and self.after_evaluation(self.evaluate()):
                 return "early_stop"
         if done:
             return "done"
@@ -405,7 +414,8 @@ class Recipe:
                     f"epoch {self.progress.epoch}: {len(flat)} examples trained ({len(set(flat))} distinct), "
                     f"expected {expected} distinct: the data was not split across ranks correctly"
                 )
-            self.log.write({"event": "epoch_data", "epoch": self.progress.epoch, "examples": len(flat),
+            self.log.write({"event": "epoch_data", "epoch": self.progress.epoch,
+                            "optimizer_step": self.progress.optimizer_step, "examples": len(flat),
                             "distinct": len(set(flat)), "per_rank": [len(part) for part in per_rank],
                             "from_step": first_step, "world_size": d.world_size})
 
@@ -420,7 +430,9 @@ class Recipe:
         if improved:
             p.best_mcc, p.best_step, p.evals_without_improvement = mcc, p.optimizer_step, 0
             if cfg.select_best:
-                self.save_model(reason="best dev MCC")
+                out = self.save_model(reason="best dev MCC")
+                if self.is_main:  # the exported model's own dev predictions travel with it
+                    self.write_predictions(*result["predictions"], path=out / "dev_predictions.jsonl")
         else:
             p.evals_without_improvement += 1
         if cfg.early_stopping_patience and p.evals_without_improvement >= cfg.early_stopping_patience:
@@ -443,6 +455,10 @@ class Recipe:
         self.print(f"stop signal {self.stop.received}: checkpoint saved at optimizer step "
                    f"{self.progress.optimizer_step}; resume with --resume")
         self.accelerator.wait_for_everyone()
+        if self.is_main:
+            # Last, after every rank's part of the checkpoint is written: requeueing a running
+            # SLURM job ends it.
+            requeue_job(self.stop.received, self.print)
         return {"optimizer_step": self.progress.optimizer_step, "preempted": True, "outcome": "preempted"}
 
     def _log_window(self, lr: float, grad_norm: Any) -> None:
@@ -458,7 +474,38 @@ class Recipe:
             "tokens_per_s": sums[2] / elapsed,
             "padding_fraction": 1.0 - sums[2] / sums[3],
         }
+        if self.peak_flops:  # padded tokens are computed too, but only real ones count as useful
+            record["mfu"] = self.flops_per_token * sums[2] / elapsed / (self.peak_flops * self.derived.world_size)
         self.log.write(record)
+        if self.bar is not None:
+            self.bar[0].update(self.bar[1], info=f"loss {record['loss']:.4f}  {record['samples_per_s']:.0f} samples/s  "
+                                                 f"{record['tokens_per_s']:.0f} tok/s")
+
+    def _log_summary(self) -> None:
+        """Throughput over the whole run (training time only, evaluation excluded)."""
+        w, d = self.window, self.derived
+        w.flush(self.accelerator)  # the last, partial window (early stop, preemption)
+        if not w.train_seconds or not w.totals[1]:
+            return
+        loss_sum, micro, real, padded = w.totals
+        samples = micro * d.micro_batch_size
+        self.log.write({"event": "train_summary", "optimizer_step": self.progress.optimizer_step,
+                        "optimizer_steps": int(micro / (d.world_size * d.gradient_accumulation_steps)),
+                        "samples": int(samples), "train_seconds": round(w.train_seconds, 3),
+                        "samples_per_s": samples / w.train_seconds, "tokens_per_s": real / w.train_seconds,
+                        "padding_fraction": 1.0 - real / padded, "world_size": d.world_size,
+                        **self._device_stats(real / w.train_seconds)})
+        self.print(f"trained {int(samples)} samples in {w.train_seconds:.1f} s: {samples / w.train_seconds:.1f} "
+                   f"samples/s, {real / w.train_seconds:.0f} tokens/s, padding {1.0 - real / padded:.1%}")
+
+    def _device_stats(self, tokens_per_s: float) -> dict[str, float]:
+        """MFU and this rank's peak memory on CUDA; nothing on CPU."""
+        if not torch.cuda.is_available():
+            return {}
+        stats = {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+        if self.peak_flops:
+            stats["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.derived.world_size)
+        return stats
 
     def _progress_bar(self, total: int, done: int) -> Any:
         if not self.is_main:
@@ -466,8 +513,9 @@ class Recipe:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       transient=False, redirect_stdout=False, redirect_stderr=False)
-        task = bar.add_task("train", total=total, completed=done)
+                       TextColumn("{task.fields[info]}"), transient=False, redirect_stdout=False,
+                       redirect_stderr=False)
+        task = bar.add_task("train", total=total, completed=done, info="")
         bar.start()
         return bar, task
 
