@@ -92,3 +92,9 @@ def test_shipped_configs_validate(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.output_dir.startswith("runs/")
     assert path.read_text().startswith("#")  # opens with the command that runs it
+
+
+def test_readme_config_reference_is_current() -> None:
+    from distributed_tune.config import help_text
+
+    assert help_text() in (REPO / "README.md").read_text(), "regenerate README's config reference from help_text()"
