@@ -98,6 +98,7 @@ def summarise(run_dir: Path, result: dict[str, Any], precision: str, batch: int,
     timed = steps[1:] or steps  # the first window holds CUDA/cuBLAS warm-up
     samples_per_s = statistics.median(r["samples_per_s"] for r in timed)
     dev = [r for r in records if r.get("split") == "dev"]
+    summary = next((r for r in reversed(records) if r.get("event") == "train_summary"), {})
     scale = result["loss_scale_final"]
     return {
         "precision": precision,
@@ -110,6 +111,7 @@ def summarise(run_dir: Path, result: dict[str, Any], precision: str, batch: int,
         "first_loss": steps[0]["loss"] if steps else None,
         "final_loss": steps[-1]["loss"] if steps else None,
         "dev_mcc": dev[-1]["mcc"] if dev else None,
+        "mfu": summary.get("mfu"),  # train.py logs it on CUDA, over the whole run (warm-up included)
         "loss_scale": (f"2^{initial_scale_power} -> {scale:g}, {result['skipped_steps']} skipped steps"
                        if scale is not None else "n/a"),
         "engine": result["engine"],
@@ -123,12 +125,12 @@ def print_table(rows: list[dict]) -> None:
         return "n/a" if v is None else format(v, spec)
 
     print("\n| precision | steps | step time (ms) | samples/s | tokens/s | peak GPU mem (GiB) | peak RSS (GiB) "
-          "| first loss | final loss | dev MCC | fp16 loss scale |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "| MFU | first loss | final loss | dev MCC | fp16 loss scale |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['precision']} | {r['steps']} | {fmt(r['step_ms'], '.1f')} | {fmt(r['samples_per_s'], '.1f')} "
               f"| {fmt(r['tokens_per_s'], '.0f')} | {fmt(r['peak_gpu_gib'], '.2f')} | {fmt(r['peak_rss_gib'], '.2f')} "
-              f"| {fmt(r['first_loss'], '.4f')} | {fmt(r['final_loss'], '.4f')} | {fmt(r['dev_mcc'], '.4f')} "
+              f"| {fmt(r['mfu'], '.1%')} | {fmt(r['first_loss'], '.4f')} | {fmt(r['final_loss'], '.4f')} | {fmt(r['dev_mcc'], '.4f')} "
               f"| {r['loss_scale']} |")
     if rows:
         print(f"\ndevice: {rows[0]['device']}; engine: {rows[0]['engine']}; ZeRO-2, one process")
