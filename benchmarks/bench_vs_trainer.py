@@ -126,8 +126,13 @@ def trainer_worker(model: str, data: str, padding: str, seed: int, epochs: int, 
     }
     if not max_steps:
         trainer.data_collator = inner
-        preds = trainer.predict(dev_ds).predictions.argmax(-1)
-        m = classification_metrics(np.array([e.label for e in cola.dev]), preds)
+        # With group_by_length the Trainer's *eval* sampler is length-grouped too (transformers
+        # 5.24 `_get_eval_sampler`): predictions come back permuted. Score them against the
+        # label_ids returned in the same order, never against the dataset order.
+        out = trainer.predict(dev_ds)
+        m = classification_metrics(out.label_ids, out.predictions.argmax(-1))
+        permuted = not np.array_equal(out.label_ids, np.array([e.label for e in cola.dev]))
+        result["eval_order_permuted"] = bool(permuted)
         result.update(mcc=m["mcc"], best_mcc=m["mcc"], collapsed=m["collapsed"])
     return result
 
@@ -193,7 +198,10 @@ def main() -> None:
     ap.add_argument("--pad128-steps", type=int, default=40, help="steps for the Trainer's pad-to-128 default")
     ap.add_argument("--quick", action="store_true", help="throughput only: --quick-steps steps per setup, one seed")
     ap.add_argument("--quick-steps", type=int, default=60)
+    ap.add_argument("--setups", nargs="+", default=["ours", "trainer", "pad128"], choices=["ours", "trainer", "pad128"],
+                    help="which setups to run (default: all three)")
     ap.add_argument("--out", type=Path, default=None, help="write the table and raw results here")
+    ap.add_argument("--merge", type=Path, default=None, help="add the rows of an earlier --out DIR/results.json")
     ap.add_argument("--worker", choices=["trainer"], help=argparse.SUPPRESS)
     ap.add_argument("--padding", default="longest", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
@@ -209,14 +217,23 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
     for precision in args.precisions:
         for seed in seeds:
-            ours = run_ours(args, seed, precision, work / f"ours-{precision}-{seed}")
-            report(rows, f"distributed_tune {precision}", seed, ours)
-            best = run_trainer(args, seed, precision, "longest", args.quick_steps if args.quick else 0)
-            report(rows, f"Trainer {precision} dynamic+grouped", seed, best)
-        r = run_trainer(args, seeds[0], precision, "max_length", args.pad128_steps)
-        report(rows, f"Trainer {precision} pad-128 (default)", seeds[0], r)
+            if "ours" in args.setups:
+                ours = run_ours(args, seed, precision, work / f"ours-{precision}-{seed}")
+                report(rows, f"distributed_tune {precision}", seed, ours)
+            if "trainer" in args.setups:
+                best = run_trainer(args, seed, precision, "longest", args.quick_steps if args.quick else 0)
+                report(rows, f"Trainer {precision} dynamic+grouped", seed, best)
+        if "pad128" in args.setups:
+            r = run_trainer(args, seeds[0], precision, "max_length", args.pad128_steps)
+            report(rows, f"Trainer {precision} pad-128 (default)", seeds[0], r)
+    if args.merge:  # rows measured by an earlier run of this script (e.g. other setups)
+        for name, runs in json.loads(args.merge.read_text()).items():
+            rows.setdefault(name, runs)
     text = table(rows)
     for precision in args.precisions:
+        if not all(f"{k} {precision}{v}" in rows for k, v in
+                   (("distributed_tune", ""), ("Trainer", " dynamic+grouped"), ("Trainer", " pad-128 (default)"))):
+            continue
         ours = statistics.mean(r["samples_per_s"] for r in rows[f"distributed_tune {precision}"])
         best = statistics.mean(r["samples_per_s"] for r in rows[f"Trainer {precision} dynamic+grouped"])
         default = rows[f"Trainer {precision} pad-128 (default)"][0]["samples_per_s"]

@@ -8,7 +8,6 @@ match its manifest is used; a damaged one is reported by name and skipped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from distributed_tune.config import Config
+from distributed_tune.data import sha256_file
 from distributed_tune.errors import RunDirError
 
 MANIFEST = "COMPLETE"
@@ -28,21 +28,13 @@ DERIVED_OUTPUTS = ("eval", "report")
 TRAINER_STATE = "trainer_state.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)] for p in files}
+    manifest = {str(p.relative_to(folder)): [p.stat().st_size, sha256_file(p)] for p in files}
     tmp = folder / f"{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(folder / MANIFEST)
@@ -63,7 +55,7 @@ def verify(folder: Path) -> str | None:
             return f"{rel} is missing"
         if p.stat().st_size != size:
             return f"{rel} is truncated ({p.stat().st_size} of {size} bytes)"
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             return f"{rel} is corrupted (sha256 mismatch)"
     return None
 
@@ -103,7 +95,10 @@ def save(
             if final.exists():  # a re-run of the same step (after a resume): replace it whole
                 shutil.rmtree(final)
             tmp.replace(final)
-            for old in list_checkpoints(run_dir)[:-keep]:
+            # Rotate only what is older than the checkpoint just sealed: a newer one can exist
+            # (damaged, skipped on resume) and must not push the new one out.
+            older = [c for c in list_checkpoints(run_dir) if c.name < final.name]
+            for old in older[: max(0, len(older) - (keep - 1))]:
                 shutil.rmtree(old)
     except (OSError, RuntimeError, SafetensorError) as e:
         # A full disk (or file size limit) surfaces as OSError from our writes, RuntimeError from

@@ -108,15 +108,17 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class Fp16Config:
-    """Dynamic loss scaling for fp16 (DeepSpeed and torch's GradScaler)."""
+    """Dynamic loss scaling for fp16: DeepSpeed uses all four; torch's GradScaler (DDP, one GPU)
+    uses initial_scale_power and loss_scale_window."""
 
     initial_scale_power: int = 16
     """The first loss scale is 2**this."""
     loss_scale_window: int = 1000
     """Steps without overflow before the scale grows."""
     hysteresis: int = 2
-    """Overflows tolerated before the scale shrinks."""
+    """Overflows tolerated before the scale shrinks (DeepSpeed only)."""
     min_loss_scale: float = 1.0
+    """The scale never drops below this (DeepSpeed only)."""
 
 
 @dataclass(frozen=True)
@@ -430,8 +432,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_resolved(cfg: Config, derived: Derived | None, path: Path) -> None:
-    """Write the config that ran (plus the derived numbers) as YAML, atomically."""
-    data = to_dict(cfg)
+    """Write the config that ran (plus the derived numbers) as YAML, atomically. `resume` and
+    `overwrite` say how one invocation treats the run directory, not what the run is: they are
+    written as false, so that re-running from this file never deletes results by surprise."""
+    data = {**to_dict(cfg), "resume": False, "overwrite": False}
     if derived is not None:
         data[DERIVED_KEY] = dataclasses.asdict(derived)
     tmp = path.with_suffix(".yaml.tmp")

@@ -90,7 +90,7 @@ def read_tsv(path: Path, split: str) -> list[Example]:
     return examples
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -117,7 +117,7 @@ def download_official(url: str, cache_dir: Path, sha256: str = OFFICIAL_SHA256) 
         return find_raw_dir(target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     archive = cache_dir / "cola_public_1.1.zip"
-    if not archive.is_file() or _sha256(archive) != sha256:
+    if not archive.is_file() or sha256_file(archive) != sha256:
         tmp = archive.with_suffix(f".part{os.getpid()}")
         try:
             with urllib.request.urlopen(url, timeout=30) as response, tmp.open("wb") as out:
@@ -128,7 +128,7 @@ def download_official(url: str, cache_dir: Path, sha256: str = OFFICIAL_SHA256) 
                 f"could not download CoLA from {url} ({getattr(e, 'reason', e)}); without network, "
                 "set data.source to a local folder holding the raw CoLA TSVs"
             ) from None
-        got = _sha256(tmp)
+        got = sha256_file(tmp)
         if got != sha256:
             tmp.unlink()
             raise DataError(
@@ -186,7 +186,7 @@ def load_cola(cfg: DataConfig) -> CoLA:
             )
         raw = find_raw_dir(folder)
     splits = {split: read_tsv(raw / name, split) for split, name in FILES.items()}
-    fingerprint = {name: _sha256(raw / name) for name in FILES.values()}
+    fingerprint = {name: sha256_file(raw / name) for name in FILES.values()}
     return CoLA(splits[TRAIN], splits[IN_DOMAIN] + splits[OUT_OF_DOMAIN], fingerprint)
 
 

@@ -94,7 +94,20 @@ def check_rendered_deepspeed_file(ds_config: dict[str, Any]) -> None:
     )
 
 
-def _free_port() -> int:
+def check_world_size(accelerator: Any) -> None:
+    """PLATFORM.md's silent trap: the launcher started N processes, but each believes it is alone
+    (and would train / evaluate on all the data)."""
+    world = env_world_size()
+    if accelerator.num_processes != world:
+        raise ConfigError(
+            f"the environment says WORLD_SIZE={world} but the accelerator sees "
+            f"{accelerator.num_processes} process(es): each process would work on all the data; "
+            "launch with `accelerate launch --multi_gpu` or `torchrun`, not the simple launcher"
+        )
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -105,7 +118,7 @@ def build_accelerator(cfg: Config) -> Any:
     import datetime
 
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, GradScalerKwargs, InitProcessGroupKwargs
 
     check_hardware(cfg)
     world = env_world_size()
@@ -113,9 +126,12 @@ def build_accelerator(cfg: Config) -> Any:
     use_cpu = not cuda_available()
     deepspeed = cfg.distributed.zero_stage is not None
     pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+    f = cfg.fp16
+    # fp16 loss scaling outside DeepSpeed (torch's GradScaler); DeepSpeed reads the same keys from its JSON.
+    scaler = GradScalerKwargs(init_scale=2.0**f.initial_scale_power, growth_interval=f.loss_scale_window)
     kwargs: dict[str, Any] = {
         "mixed_precision": {"fp32": "no"}.get(cfg.precision, cfg.precision),
-        "kwargs_handlers": [pg],
+        "kwargs_handlers": [pg, scaler],
         # We step the LR schedule once per optimizer step ourselves; accelerate would step it
         # num_processes times.
         "step_scheduler_with_optimizer": False,
@@ -127,7 +143,7 @@ def build_accelerator(cfg: Config) -> Any:
         if "RANK" not in os.environ:
             # A world of one from plain `python`: DeepSpeed still wants a process group.
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         if use_cpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         ds_config = deepspeed_config(cfg, world)
@@ -142,12 +158,7 @@ def build_accelerator(cfg: Config) -> Any:
         pg.backend = "gloo"
     accelerator = Accelerator(**kwargs)
 
-    if accelerator.num_processes != world:
-        raise ConfigError(
-            f"the environment says WORLD_SIZE={world} but the accelerator sees "
-            f"{accelerator.num_processes} process(es): each process would train on all the data; "
-            "launch with `accelerate launch --multi_gpu` or `torchrun`, not the simple launcher"
-        )
+    check_world_size(accelerator)
     if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise ConfigError(
             f"distributed.zero_stage={cfg.distributed.zero_stage} is set but accelerate runs "

@@ -139,7 +139,7 @@ class SingleProcess:
 def eval_accelerator() -> Any:
     """One process: `SingleProcess`. Under `accelerate launch` / `torchrun`: an Accelerator for
     inference (gloo on CPU) that must see the launcher's world size."""
-    from distributed_tune.distributed import cuda_available, env_world_size
+    from distributed_tune.distributed import check_world_size, cuda_available, env_world_size
 
     if env_world_size() == 1:
         return SingleProcess()
@@ -151,11 +151,7 @@ def eval_accelerator() -> Any:
     if cpu:
         pg.backend = "gloo"
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=[pg])
-    if accelerator.num_processes != env_world_size():
-        raise ConfigError(
-            f"the environment says WORLD_SIZE={env_world_size()} but the accelerator sees "
-            f"{accelerator.num_processes} process(es); launch with `accelerate launch --multi_gpu` or torchrun"
-        )
+    check_world_size(accelerator)
     return accelerator
 
 
@@ -289,8 +285,9 @@ def cmd_evaluate(argv: list[str]) -> int:
     if args.tsv and args.data:
         raise ConfigError("--tsv and --data exclude each other: pass either CoLA-format files or a CoLA source")
     target = resolve_target(args.target)
-    examples, combined, described = load_examples(target, args.data, args.tsv)
     accelerator = eval_accelerator()
+    with accelerator.main_process_first():  # one process downloads / unpacks; the others read its cache
+        examples, combined, described = load_examples(target, args.data, args.tsv)
     result, preds, probs = evaluate(target, examples, combined, accelerator, args.batch_size)
     if accelerator.is_main_process:
         out = Path(args.out).expanduser() if args.out else (target.run_dir or target.model_dir) / "eval"

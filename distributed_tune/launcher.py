@@ -98,9 +98,11 @@ def render(cfg: Config, topo: Topology, run_dir: Path | None = None) -> dict[str
     return paths
 
 
-def launch_command(paths: dict[str, Path], topo: Topology, python: str = sys.executable) -> list[str]:
-    """`accelerate launch ...`, or the plain single-process fallback for a world of one."""
-    train = ["-m", "distributed_tune", "--config", str(paths["config"])]
+def launch_command(paths: dict[str, Path], topo: Topology, flags: tuple[str, ...] = (),
+                   python: str = sys.executable) -> list[str]:
+    """`accelerate launch ...`, or the plain single-process fallback for a world of one; `flags`
+    (--resume / --overwrite) travel on the command line, never in the rendered config."""
+    train = ["-m", "distributed_tune", "--config", str(paths["config"]), *flags]
     if topo.world_size == 1 and "deepspeed" not in paths:
         return [python, *train]
     return [python, "-m", "accelerate.commands.launch", "--config_file", str(paths["accelerate"]), *train]
@@ -149,7 +151,8 @@ def cmd_launch(argv: list[str]) -> int:
         # A dry run may render files for another machine (fp16 for a GPU cluster, from a laptop).
         check_hardware(cfg)
     paths = render(cfg, topo)
-    cmd = launch_command(paths, topo)
+    flags = tuple(flag for flag, on in (("--resume", cfg.resume), ("--overwrite", cfg.overwrite)) if on)
+    cmd = launch_command(paths, topo, flags)
     for path in paths.values():
         print(f"wrote {path}")
     print(shlex.join(cmd))

@@ -26,7 +26,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from distributed_tune.distributed import free_port
 from distributed_tune.errors import ConfigError, RunDirError
 
 SUMMARY_JSON, SUMMARY_MD, SWEEP_JSON, SBATCH = "sweep_summary.json", "sweep_summary.md", "sweep.json", "sweep.sbatch"
@@ -193,18 +193,12 @@ def print_summary(results: list[SeedResult], summary: dict[str, Any], sweep_dir:
 # --------------------------------------------------------------------------- running
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def seed_command(args: argparse.Namespace, seed: int, run_dir: Path) -> list[str]:
     """The command that trains one seed: plain `python -m distributed_tune`, or `launch --gpus N`."""
     cmd = [sys.executable, "-m", "distributed_tune"]
     if args.gpus:
         # A free port per run: another sweep may be launching on this machine too.
-        cmd += ["launch", "--gpus", str(args.gpus), "--port", str(_free_port())]
+        cmd += ["launch", "--gpus", str(args.gpus), "--port", str(free_port())]
     if args.config:
         cmd += ["--config", args.config]
     # The sweep's own output_dir override is replaced by the seed's folder.
@@ -299,7 +293,7 @@ def render_slurm(args: argparse.Namespace, sweep_dir: Path, seeds: list[int], ar
         if run_finished(run_dir) and not args.overwrite:
             print(f"[sweep] seed {seed}: already finished in {run_dir}; not in the array (--overwrite reruns it)")
             continue
-        if args.overwrite and run_dir.exists():
+        if args.overwrite and run_dir.exists() and not args.dry_run:  # a dry run deletes nothing
             shutil.rmtree(run_dir)
         cfg = load_config(args.config, [*overrides, f"seed={seed}", f"output_dir={run_dir}"])
         check_resumable(replace(cfg, resume=True), topo.world_size)

@@ -13,6 +13,7 @@ dev example was predicted exactly once before it computes MCC.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import signal
@@ -112,6 +113,7 @@ class Progress:
     best_mcc: float = -2.0  # below any MCC, so the first evaluation is the best so far
     best_step: int = -1
     evals_without_improvement: int = 0
+    skipped_steps: int = 0  # fp16 overflows: optimizer steps that updated nothing
 
 
 class StopSignal:
@@ -183,14 +185,9 @@ class Recipe:
     # ------------------------------------------------------------------ checkpoints
 
     def trainer_state(self) -> dict[str, Any]:
-        p = self.progress
+        """Progress plus what a resume must match (world size, ZeRO stage, global batch)."""
         return {
-            "epoch": p.epoch,
-            "step_in_epoch": p.step_in_epoch,
-            "optimizer_step": p.optimizer_step,
-            "best_mcc": p.best_mcc,
-            "best_step": p.best_step,
-            "evals_without_improvement": p.evals_without_improvement,
+            **dataclasses.asdict(self.progress),
             "world_size": self.derived.world_size,
             "zero_stage": self.cfg.distributed.zero_stage,
             "global_batch_size": self.derived.global_batch_size,
@@ -230,10 +227,7 @@ class Recipe:
         if self.is_main:
             self.log.truncate_after(state["optimizer_step"])
         self.scheduler.load_state_dict(state["scheduler"])
-        p = self.progress
-        p.epoch, p.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        p.optimizer_step, p.best_mcc, p.best_step = state["optimizer_step"], state["best_mcc"], state["best_step"]
-        p.evals_without_improvement = state["evals_without_improvement"]
+        p = self.progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
         self.print(f"resumed from {ckpt} (epoch {p.epoch}, optimizer step {p.optimizer_step})")
 
     # ------------------------------------------------------------------ evaluation
@@ -282,17 +276,20 @@ class Recipe:
         """Collective: did any rank get a stop signal, and did any see a non-finite loss (at which
         optimizer step)? It syncs host and device, so it runs every CONSENSUS_EVERY steps and
         before anything is saved, not on every step."""
-        flags = torch.stack([torch.tensor(float(self.stop.received is not None), device=self.first_bad.device),
+        flags = torch.stack([torch.tensor(float(self.stop.received or 0), device=self.first_bad.device),
                              self.first_bad.double()])
         gathered = self.accelerator.gather(flags).view(-1, 2)
         first_bad = int(gathered[:, 1].min())
-        return bool(gathered[:, 0].max() > 0), (first_bad if first_bad < NO_BAD_STEP else None)
+        signals = [int(x) for x in gathered[:, 0].tolist() if x > 0]
+        if signals and self.stop.received is None:
+            self.stop.received = signals[0]  # rank 0 acts on (requeues for) what any rank received
+        return bool(signals), (first_bad if first_bad < NO_BAD_STEP else None)
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or a stop signal / early stop); returns how it ended."""
+        self.stop = StopSignal()  # first: a warning signal during the (long) setup must not kill us
         self.setup()
         p, d = self.progress, self.derived
-        self.stop = StopSignal()
         self.bar = self._progress_bar(d.total_steps, p.optimizer_step)
         self.window = Window(self.accelerator.device)
         self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=self.accelerator.device)
@@ -345,14 +342,16 @@ class Recipe:
                 self.optimizer.zero_grad(set_to_none=True)
             loss = loss.detach()
             # The first optimizer step with a non-finite loss, tracked on the device (no sync).
-            self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, p.optimizer_step + 1)
+            self.first_bad = torch.minimum(
+                self.first_bad, torch.where(torch.isfinite(loss), NO_BAD_STEP, p.optimizer_step + 1))
             self.window.add(loss, batch["attention_mask"], batch["input_ids"].numel())
             if not acc.sync_gradients:
                 continue
             p.step_in_epoch = step_in_epoch + 1
-            if p.step_in_epoch == d.steps_per_epoch:
-                self.audit_epoch(seen, first_step)
+            epoch, epoch_complete = p.epoch, p.step_in_epoch == d.steps_per_epoch
             outcome = self.step_boundary(grad_norm)
+            if epoch_complete:
+                self.audit_epoch(seen, first_step, epoch)
             if outcome is not None:
                 return outcome
         p.epoch, p.step_in_epoch = p.epoch + 1, 0  # resumed exactly at the end of an epoch
@@ -362,7 +361,12 @@ class Recipe:
         """After each optimizer step: schedule, log, evaluate, checkpoint, stop. None: go on."""
         cfg, d, p = self.cfg.train, self.derived, self.progress
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        if self.optimizer.step_was_skipped:
+            # fp16 loss-scale overflow: no update happened, so the schedule does not advance
+            # (only fp16 can skip; the check costs nothing otherwise).
+            p.skipped_steps += 1
+        else:
+            self.scheduler.step()
         p.optimizer_step += 1
         epoch_end = p.step_in_epoch == d.steps_per_epoch
         done = p.optimizer_step >= d.total_steps
@@ -386,35 +390,37 @@ class Recipe:
             self.bar[0].update(self.bar[1], completed=p.optimizer_step)
         if epoch_end:
             p.epoch, p.step_in_epoch = p.epoch + 1, 0
-        # Checkpoint before evaluating: building eval batches must not perturb what a resumed
-        # run would see (PLATFORM.md). Stop signals are honoured after the checkpoint.
+        # Evaluate, then checkpoint: the checkpoint then holds this evaluation's effect on the best
+        # model and on early stopping, so a resumed run decides as the uninterrupted one. (Our
+        # evaluation draws no random numbers and uses no DataLoader: it cannot perturb training.)
         with self.window.pause():
+            early_stop = bool(evaluate) and self.after_evaluation(self.evaluate())
             if save or stopping:
                 self.save_checkpoint()
             if stopping:
                 return "preempted"
-            if evaluate and self.after_evaluation(self.evaluate()):
+            if early_stop:
                 return "early_stop"
         if done:
             return "done"
         return "epoch_end" if epoch_end else None
 
-    def audit_epoch(self, seen: list[np.ndarray], first_step: int) -> None:
+    def audit_epoch(self, seen: list[np.ndarray], first_step: int, epoch: int) -> None:
         """Collective, once per epoch: every example trained on at most once, by one rank."""
         from accelerate.utils import gather_object
 
         mine = np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64)
-        per_rank = gather_object([mine.tolist()])
+        per_rank = gather_object([mine.tolist()])  # an all-gather: every rank checks, none is left waiting
+        flat = [i for part in per_rank for i in part]
+        d = self.derived
+        expected = (d.steps_per_epoch - first_step) * d.global_batch_size
+        if len(flat) != expected or len(set(flat)) != len(flat):
+            raise AssertionError(
+                f"epoch {epoch}: {len(flat)} examples trained ({len(set(flat))} distinct), "
+                f"expected {expected} distinct: the data was not split across ranks correctly"
+            )
         if self.is_main:
-            flat = [i for part in per_rank for i in part]
-            d = self.derived
-            expected = (d.steps_per_epoch - first_step) * d.global_batch_size
-            if len(flat) != expected or len(set(flat)) != len(flat):
-                raise AssertionError(
-                    f"epoch {self.progress.epoch}: {len(flat)} examples trained ({len(set(flat))} distinct), "
-                    f"expected {expected} distinct: the data was not split across ranks correctly"
-                )
-            self.log.write({"event": "epoch_data", "epoch": self.progress.epoch,
+            self.log.write({"event": "epoch_data", "epoch": epoch,
                             "optimizer_step": self.progress.optimizer_step, "examples": len(flat),
                             "distinct": len(set(flat)), "per_rank": [len(part) for part in per_rank],
                             "from_step": first_step, "world_size": d.world_size})
@@ -473,9 +479,10 @@ class Recipe:
             "samples_per_s": steps * self.derived.global_batch_size / elapsed,
             "tokens_per_s": sums[2] / elapsed,
             "padding_fraction": 1.0 - sums[2] / sums[3],
+            "skipped_steps": self.progress.skipped_steps,
         }
-        if self.peak_flops:  # padded tokens are computed too, but only real ones count as useful
-            record["mfu"] = self.flops_per_token * sums[2] / elapsed / (self.peak_flops * self.derived.world_size)
+        if self.peak_flops:
+            record["mfu"] = self.mfu(sums[2] / elapsed)
         self.log.write(record)
         if self.bar is not None:
             self.bar[0].update(self.bar[1], info=f"loss {record['loss']:.4f}  {record['samples_per_s']:.0f} samples/s  "
@@ -504,8 +511,13 @@ class Recipe:
             return {}
         stats = {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
         if self.peak_flops:
-            stats["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.derived.world_size)
+            stats["mfu"] = self.mfu(tokens_per_s)
         return stats
+
+    def mfu(self, tokens_per_s: float) -> float:
+        """Model FLOP utilisation over all GPUs; padded tokens are computed too, but only real
+        ones count as useful work."""
+        return self.flops_per_token * tokens_per_s / (self.peak_flops * self.derived.world_size)
 
     def _progress_bar(self, total: int, done: int) -> Any:
         if not self.is_main:
@@ -531,6 +543,10 @@ class Recipe:
             tmp = self.run_dir / ".tmp-model"
             shutil.rmtree(tmp, ignore_errors=True)
             unwrapped = acc.unwrap_model(self.model)
+            if self.cfg.distributed.zero_stage == 3:
+                # Loading under ZeRO-3 records transformers' legacy renamings (LayerNorm gamma/beta),
+                # which save_pretrained would write back; the default mapping writes today's names.
+                unwrapped._weight_conversions = None
             # save_pretrained pops tensors out of the dict it gets: hand it a copy.
             unwrapped.save_pretrained(tmp, state_dict=dict(state), safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)

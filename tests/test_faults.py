@@ -108,6 +108,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, bas
     assert len(losses) == 1 and 0.6 < losses[0] < 0.8  # the NaN step was not logged as a result
     assert not (run_dir / "model").exists()
 
+    # Checked every 10 steps by default (no host sync per step): still the first bad step is named.
+    proc = run_cli([*base_args, f"output_dir={tmp_path / 'nan10'}", "train.lr=1e30", "train.max_grad_norm=0",
+                    "train.eval_every=0", "train.max_steps=20"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: non-finite loss at optimizer step 2 (epoch 0); last good checkpoint: none;")
+
 
 def test_sigterm_saves_without_requeue_then_disk_full_keeps_previous(tmp_path: Path, base_args: list[str]) -> None:
     run_dir = tmp_path / "run"

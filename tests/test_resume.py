@@ -89,3 +89,26 @@ def test_zero2_two_nodes_preempt_resume_is_exact(tmp_path: Path, tiny_model: Pat
     assert (run_dir / "predictions.jsonl").read_bytes() == (reference / "predictions.jsonl").read_bytes()
     assert (run_dir / "model" / "model.safetensors").read_bytes() == \
         (reference / "model" / "model.safetensors").read_bytes()
+
+
+def test_rotation_keeps_the_new_checkpoint_beside_a_damaged_newer_one(tmp_path: Path) -> None:
+    """Resumed from step 2 because step 5 is damaged, then saving step 3 with keep=2: step 1 goes,
+    step 2 and the new step 3 stay (the damaged step 5 is not counted as one of the newest)."""
+    import torch
+    from accelerate import Accelerator
+
+    from distributed_tune import checkpoint
+
+    acc = Accelerator(cpu=True)
+    net = torch.nn.Linear(2, 2)
+    acc.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    for step in (1, 2):
+        checkpoint.save(acc, tmp_path, step, {"optimizer_step": step}, keep=2)
+    damaged = tmp_path / "checkpoints" / checkpoint.checkpoint_name(5)
+    damaged.mkdir()
+    (damaged / "model.safetensors").write_bytes(b"truncated")
+    assert checkpoint.latest_good(tmp_path, warn=lambda _: None).name == "step_00000002"
+    checkpoint.save(acc, tmp_path, 3, {"optimizer_step": 3}, keep=2)
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003", "step_00000005"]
+    assert checkpoint.latest_good(tmp_path, warn=lambda _: None).name == "step_00000003"
+    assert checkpoint.read_trainer_state(tmp_path / "checkpoints" / "step_00000003") == {"optimizer_step": 3}

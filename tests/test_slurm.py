@@ -131,9 +131,9 @@ def test_submit_refusals_write_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in used.rglob("*") if p.is_file()}
 
     cases = {
-        # the issue's own example: micro 4 x 16 processes cannot make a global batch of 32
+        # micro 4 x 16 processes cannot make a global batch of 32
         "batch arithmetic": (["--config", zero2, "--nodes", "2", "--gpus-per-node", "8", "--time", "02:00:00",
-                              "--partition", "gpu", "output_dir=runs/new"],
+                              "--partition", "gpu", "train.micro_batch_size=4", "output_dir=runs/new"],
                              "train.global_batch_size=32 is not a multiple of train.micro_batch_size=4 x world size 16 = 64"),
         "time format": (["--config", zero2, "--time", "2h", "output_dir=runs/new"], "--time='2h' is not a SLURM time limit"),
         "no nodes": (["--config", zero2, "--nodes", "0", "output_dir=runs/new"], "--nodes=0 must be at least 1"),

@@ -52,8 +52,12 @@ def test_single_process_run(tmp_path: Path, base_args: list[str]) -> None:
     info = json.loads((run / "model" / "training_info.json").read_text())
     assert info["selected"] == "best dev MCC"
     clf = pipeline("text-classification", model=str(run / "model"), device="cpu")
-    out = clf(["The sailors rode the breeze clear of the rocks.", "Sailors rode breeze the rocks the clear."])
-    assert len(out) == 2 and {o["label"] for o in out} <= {"acceptable", "unacceptable"}
+    out = clf([p["sentence"] for p in predictions[:3]])
+    # The exported folder reproduces the run's own last evaluation (the only one, so also the best).
+    assert [o["label"] for o in out] == [p["pred_label"] for p in predictions[:3]]
+    for o, p in zip(out, predictions[:3], strict=True):
+        prob = p["prob_acceptable"] if o["label"] == "acceptable" else 1 - p["prob_acceptable"]
+        assert o["score"] == pytest.approx(prob, abs=1e-5)
 
     # The run directory is now used: a second run without --resume/--overwrite is refused.
     before = (run / "metrics.jsonl").read_bytes()
@@ -89,8 +93,8 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path: Path, base_
 
     # Disjoint shards: each rank trained on its own half, every example once.
     audit = [r for r in read_jsonl(two / "metrics.jsonl") if r.get("event") == "epoch_data"]
-    assert audit == [{"event": "epoch_data", "epoch": 0, "examples": 8192, "distinct": 8192, "per_rank": [4096, 4096],
-                      "from_step": 0, "world_size": 2}]
+    assert audit == [{"event": "epoch_data", "epoch": 0, "optimizer_step": 16, "examples": 8192, "distinct": 8192,
+                      "per_rank": [4096, 4096], "from_step": 0, "world_size": 2}]
     # MCC computed once per evaluation (rank 0 alone writes), on exactly every dev example.
     ev = evals(two)
     assert [(r["optimizer_step"], r["split"], r["n"]) for r in ev] == [
