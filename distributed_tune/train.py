@@ -115,6 +115,15 @@ class Progress:
     evals_without_improvement: int = 0
     skipped_steps: int = 0  # fp16 overflows: optimizer steps that updated nothing
 
+    def record_evaluation(self, mcc: float, patience: int) -> tuple[bool, bool]:
+        """Best-model bookkeeping for one dev MCC: (a new best?, stop early now?). Only a strictly
+        better MCC counts; `patience` 0 never stops."""
+        if mcc > self.best_mcc:
+            self.best_mcc, self.best_step, self.evals_without_improvement = mcc, self.optimizer_step, 0
+            return True, False
+        self.evals_without_improvement += 1
+        return False, bool(patience) and self.evals_without_improvement >= patience
+
 
 class StopSignal:
     """SIGUSR1/SIGTERM (SLURM's warning before preemption or the time limit) set a flag; the loop
@@ -432,20 +441,15 @@ class Recipe:
         p, cfg = self.progress, self.cfg.train
         # Rank 0 computed the MCC; every rank must take the same decisions.
         mcc = self._broadcast(result[DEV]["mcc"] if self.is_main else 0.0)
-        improved = mcc > p.best_mcc
-        if improved:
-            p.best_mcc, p.best_step, p.evals_without_improvement = mcc, p.optimizer_step, 0
-            if cfg.select_best:
-                out = self.save_model(reason="best dev MCC")
-                if self.is_main:  # the exported model's own dev predictions travel with it
-                    self.write_predictions(*result["predictions"], path=out / "dev_predictions.jsonl")
-        else:
-            p.evals_without_improvement += 1
-        if cfg.early_stopping_patience and p.evals_without_improvement >= cfg.early_stopping_patience:
+        improved, stop = p.record_evaluation(mcc, cfg.early_stopping_patience)
+        if improved and cfg.select_best:
+            out = self.save_model(reason="best dev MCC")
+            if self.is_main:  # the exported model's own dev predictions travel with it
+                self.write_predictions(*result["predictions"], path=out / "dev_predictions.jsonl")
+        if stop:
             self.print(f"early stop: dev MCC has not improved on {p.best_mcc:.4f} (step {p.best_step}) "
                        f"for {p.evals_without_improvement} evaluations")
-            return True
-        return False
+        return stop
 
     def epoch_float(self) -> float:
         """Epochs done, fractional (optimizer steps / steps per epoch), as the HF Trainer logs it."""

@@ -83,7 +83,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     d = derive(cfg, 4, 8551)
     dump_resolved(cfg, d, tmp_path / "config.yaml")
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert data["derived"]["world_size"] == 4 and data["derived"]["total_steps"] == 3 * 267
+    assert data["derived"]["world_size"] == 4 and data["derived"]["total_steps"] == 5 * 267
     assert load_config(tmp_path / "config.yaml") == cfg  # the derived section is a record, not input
 
 

@@ -86,3 +86,21 @@ def test_hub_name_offline_says_how_to_use_a_local_folder(monkeypatch: pytest.Mon
     with pytest.raises(ModelError, match=r"model.name=bert-base-uncased: cannot load the tokenizer: 'bert-base-uncased' "
                                          r"could not be fetched from the Hugging Face hub .*set model.name to a local"):
         load_tokenizer(ModelConfig(name="bert-base-uncased"))
+
+
+def test_best_model_and_early_stopping_on_a_scripted_mcc_sequence() -> None:
+    from distributed_tune.train import Progress
+
+    p = Progress()
+    decisions = []
+    for step, mcc in zip((50, 100, 150, 200, 250), (0.10, 0.30, 0.20, 0.25, 0.30)):
+        p.optimizer_step = step
+        decisions.append(p.record_evaluation(mcc, patience=3))
+    # 0.30 again at step 250 is no improvement: the third evaluation without one stops the run.
+    assert decisions == [(True, False), (True, False), (False, False), (False, False), (False, True)]
+    assert (p.best_mcc, p.best_step, p.evals_without_improvement) == (0.30, 100, 3)
+    q = Progress()
+    for step in (1, 2, 3, 4):  # a collapsed run, MCC 0 throughout, patience 0: never stops
+        q.optimizer_step = step
+        last = q.record_evaluation(0.0, patience=0)
+    assert last == (False, False) and (q.best_mcc, q.best_step, q.evals_without_improvement) == (0.0, 1, 3)
