@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from distributed_tune.data import DEV, LABELS, Example, read_tsv
+from distributed_tune.data import DEV, Example, read_tsv
 from distributed_tune.errors import ConfigError, DataError, ModelError, RunDirError
-from distributed_tune.evaluation import EVAL_BATCH
+from distributed_tune.evaluation import EVAL_BATCH, example_row, write_jsonl
 
 COMBINED_TSV = "combined"
 
@@ -216,18 +216,14 @@ def run_logged_eval(target: Target) -> dict[str, Any] | None:
 
 def write_outputs(out: Path, result: dict[str, Any], examples: list[Example], preds: Any, probs: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "predictions.jsonl.tmp"
-    with tmp.open("w") as f:
-        # index: the position in the dev set (as in the run's predictions.jsonl) or in its TSV file.
-        counters: dict[str, int] = {}
-        for e, pred, prob in zip(examples, preds, probs):
-            key = e.split if result["tsv"] else DEV
-            i = counters[key] = counters.get(key, -1) + 1
-            f.write(json.dumps({
-                "index": i, "split": e.split, "source": e.source, "sentence": e.sentence, "label": e.label,
-                "pred": int(pred), "pred_label": LABELS[int(pred)], "prob_acceptable": round(float(prob), 6),
-            }) + "\n")
-    tmp.replace(out / "predictions.jsonl")
+    # index: the position in the dev set (as in the run's predictions.jsonl) or in its TSV file.
+    counters: dict[str, int] = {}
+    rows = []
+    for e, pred, prob in zip(examples, preds, probs):
+        key = e.split if result["tsv"] else DEV
+        counters[key] = counters.get(key, -1) + 1
+        rows.append(example_row(counters[key], e, pred, prob))
+    write_jsonl(out / "predictions.jsonl", rows)
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(out / "metrics.json")

@@ -12,13 +12,15 @@ example indices; `gather_exactly_once` then checks that each example came back e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from distributed_tune.data import Tokenized, collate, eval_shard
+from distributed_tune.data import LABELS, Example, Tokenized, collate, eval_shard
 from distributed_tune.metrics import classification_metrics
 
 EVAL_BATCH = 128  # the training loop's and `evaluate`'s batch: same batches, same floating-point sums
@@ -111,3 +113,23 @@ def metrics_by_source(labels: np.ndarray, preds: np.ndarray, sources: Sequence[s
             "mcc": float(matthews_corrcoef(y, p)) if defined else None,
         }
     return out
+
+
+def prediction_row(pred: int, prob_acceptable: float, **fields: Any) -> dict[str, Any]:
+    """One line of a predictions.jsonl (run, evaluate and predict write the same fields)."""
+    return {**fields, "pred": int(pred), "pred_label": LABELS[int(pred)],
+            "prob_acceptable": round(float(prob_acceptable), 6)}
+
+
+def example_row(index: int, e: Example, pred: int, prob_acceptable: float) -> dict[str, Any]:
+    return prediction_row(pred, prob_acceptable, index=index, split=e.split, source=e.source,
+                          sentence=e.sentence, label=e.label)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write JSON lines atomically: a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)

@@ -14,12 +14,11 @@ per sentence, or writes JSON lines to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from distributed_tune.data import LABELS, Example
+from distributed_tune.data import Example
 from distributed_tune.errors import ConfigError, DataError
 
 DEFAULT_BATCH = 64
@@ -85,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_predict(argv: list[str]) -> int:
     from distributed_tune.evaluate import resolve_target
+    from distributed_tune.evaluation import prediction_row, write_jsonl
 
     args = parser().parse_args(argv)
     if args.batch_size < 1:
@@ -94,18 +94,15 @@ def cmd_predict(argv: list[str]) -> int:
     preds, probs = predict(target, [s for _, s in lines], args.batch_size)
     rows = []
     for i, ((line, sentence), pred, prob) in enumerate(zip(lines, preds, probs)):
-        row: dict[str, Any] = {"index": i, "sentence": sentence, "pred": int(pred), "pred_label": LABELS[int(pred)],
-                               "prob_acceptable": round(float(prob), 6),
-                               "prob": round(float(prob if pred == 1 else 1.0 - prob), 6)}
+        row = prediction_row(pred, prob, index=i, sentence=sentence)
+        row["prob"] = round(float(prob if pred == 1 else 1.0 - prob), 6)  # of the predicted label
         if line is not None:
             row["line"] = line
         rows.append(row)
     if args.out:
         out = Path(args.out).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(out)
+        write_jsonl(out, rows)
         n_ok = sum(r["pred"] for r in rows)
         print(f"wrote {len(rows)} predictions to {out} ({n_ok} acceptable, {len(rows) - n_ok} unacceptable)")
     else:

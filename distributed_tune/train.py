@@ -31,7 +31,6 @@ from distributed_tune.config import Config, Derived, derive, dump_resolved
 from distributed_tune.data import (
     DEV,
     IN_DOMAIN,
-    LABELS,
     OUT_OF_DOMAIN,
     CoLA,
     collate,
@@ -42,7 +41,7 @@ from distributed_tune.data import (
 )
 from distributed_tune.distributed import build_accelerator
 from distributed_tune.errors import RunDirError, TrainingError
-from distributed_tune.evaluation import EVAL_BATCH, metrics_by_split, predict_distributed
+from distributed_tune.evaluation import EVAL_BATCH, example_row, metrics_by_split, predict_distributed, write_jsonl
 from distributed_tune.metrics import MetricsLog
 from distributed_tune.model import (
     build_optimizer,
@@ -268,16 +267,8 @@ class Recipe:
         self.write_predictions(*result["predictions"])
 
     def write_predictions(self, preds: np.ndarray, probs: np.ndarray, path: Path | None = None) -> None:
-        path = path or self.run_dir / "predictions.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with tmp.open("w") as f:
-            for i, (e, pred, prob) in enumerate(zip(self.cola.dev, preds, probs)):
-                f.write(json.dumps({
-                    "index": i, "split": e.split, "source": e.source, "sentence": e.sentence,
-                    "label": e.label, "pred": int(pred), "pred_label": LABELS[int(pred)],
-                    "prob_acceptable": round(float(prob), 6),
-                }) + "\n")
-        tmp.replace(path)
+        rows = (example_row(i, e, pred, prob) for i, (e, pred, prob) in enumerate(zip(self.cola.dev, preds, probs)))
+        write_jsonl(path or self.run_dir / "predictions.jsonl", rows)
 
     # ------------------------------------------------------------------ training
 
