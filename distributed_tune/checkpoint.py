@@ -120,6 +120,29 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / TRAINER_STATE).read_text())
 
 
+def check_resumable(ckpt: Path, state: dict[str, Any], zero_stage: int | None, world_size: int,
+                    global_batch_size: int, here: str) -> None:
+    """Refuse a resume that cannot continue the saved run: another ZeRO stage, ZeRO shards over
+    another number of processes, or another global batch (the data order would change). `here`
+    describes the new world, e.g. "this run has 4"."""
+    if state["zero_stage"] != zero_stage:
+        raise RunDirError(
+            f"{ckpt} was saved with distributed.zero_stage={state['zero_stage']} but this run uses "
+            f"{zero_stage}; resume with the same stage, or start a new run from its weights"
+        )
+    if zero_stage is not None and state["world_size"] != world_size:
+        raise RunDirError(
+            f"{ckpt} holds ZeRO state sharded over {state['world_size']} processes but {here}; "
+            f"resume with {state['world_size']} processes, or start a new run from consolidated weights "
+            f"(DeepSpeed's zero_to_fp32.py in {ckpt})"
+        )
+    if state["global_batch_size"] != global_batch_size:
+        raise RunDirError(
+            f"{ckpt} was trained with train.global_batch_size={state['global_batch_size']}; "
+            f"resume with the same global batch (now {global_batch_size})"
+        )
+
+
 def refuse_used_run_dir(cfg: Config) -> Path:
     """Refuse to clobber a used run directory unless resume/overwrite says what to do."""
     run_dir = Path(cfg.output_dir)

@@ -30,7 +30,7 @@ import yaml
 from distributed_tune import checkpoint
 from distributed_tune.config import Config, check_batch_arithmetic, dump_resolved
 from distributed_tune.distributed import check_hardware, deepspeed_config
-from distributed_tune.errors import ConfigError, RunDirError
+from distributed_tune.errors import ConfigError
 
 DEFAULT_PORT = 29500
 
@@ -109,21 +109,16 @@ def launch_command(paths: dict[str, Path], topo: Topology, flags: tuple[str, ...
 
 
 def check_resumable(cfg: Config, world_size: int) -> None:
-    """Refuse to start N processes on ZeRO state sharded over M != N (the training processes would
-    each fail the same way after their imports; this says it once, before anything starts)."""
-    if not cfg.resume or cfg.distributed.zero_stage is None:
+    """With --resume, refuse before anything starts what the training processes would each refuse
+    after their imports (checkpoint.check_resumable): say it once."""
+    if not cfg.resume:
         return
     ckpt = checkpoint.latest_good(Path(cfg.output_dir), warn=lambda _: None)
     if ckpt is None:
         return
-    saved = checkpoint.read_trainer_state(ckpt).get("world_size")
-    if saved is not None and saved != world_size:
-        raise RunDirError(
-            f"{ckpt} holds ZeRO state sharded over {saved} processes but this launch starts {world_size} "
-            "(nodes x processes per node); "
-            f"resume with {saved} processes, or start a new run from consolidated weights "
-            f"(DeepSpeed's zero_to_fp32.py in {ckpt})"
-        )
+    checkpoint.check_resumable(ckpt, checkpoint.read_trainer_state(ckpt), cfg.distributed.zero_stage, world_size,
+                               cfg.train.global_batch_size,
+                               here=f"this launch starts {world_size} (nodes x processes per node)")
 
 
 def cmd_launch(argv: list[str]) -> int:

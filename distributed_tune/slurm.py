@@ -77,6 +77,21 @@ def _q(value: str | Path) -> str:
     return shlex.quote(str(value))
 
 
+def sbatch_directives(job: Job, workdir: Path, output: str, error: str | None = None,
+                      array: str | None = None) -> list[str]:
+    """The #SBATCH lines of a job (a run's script, or a sweep's array): resources, logs, and the
+    USR1 warning before the time limit plus --requeue that preemption handling relies on."""
+    lines = [f"--job-name={job.job_name}"] + ([f"--array={array}"] if array else [])
+    lines += [f"--{key}={value}" for key, value in
+              (("partition", job.partition), ("account", job.account), ("time", job.time)) if value]
+    lines += [f"--nodes={job.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={job.gpus_per_node}"]
+    if job.cpus_per_task:
+        lines.append(f"--cpus-per-task={job.cpus_per_task}")
+    lines += [f"--chdir={workdir.resolve()}", f"--output={output}"] + ([f"--error={error}"] if error else [])
+    lines += ["--open-mode=append", f"--signal=B:USR1@{job.signal_lead_s}", "--requeue", *(f"--{x}" for x in job.extra)]
+    return [f"#SBATCH {line}" for line in lines]
+
+
 def render_script(job: Job, paths: dict[str, Path], run_dir: Path, workdir: Path, python: str,
                   command_line: str) -> str:
     """The batch script text. `paths` are launcher.render's files; every path is made absolute."""
@@ -87,26 +102,8 @@ def render_script(job: Job, paths: dict[str, Path], run_dir: Path, workdir: Path
         f"# Rendered by distributed_tune; submit it again with: sbatch {run_dir / SCRIPT}",
         f"# {job.nodes} node(s) x {job.gpus_per_node} GPU(s) = {job.world_size} training process(es); "
         "a requeued job resumes from the newest complete checkpoint.",
-        f"#SBATCH --job-name={job.job_name}",
+        *sbatch_directives(job, workdir, output=f"{run_dir}/slurm-%j.out", error=f"{run_dir}/slurm-%j.err"),
     ]
-    header += [f"#SBATCH --{key}={value}" for key, value in
-               (("partition", job.partition), ("account", job.account), ("time", job.time)) if value]
-    header += [
-        f"#SBATCH --nodes={job.nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={job.gpus_per_node}",
-    ]
-    if job.cpus_per_task:
-        header.append(f"#SBATCH --cpus-per-task={job.cpus_per_task}")
-    header += [
-        f"#SBATCH --chdir={workdir.resolve()}",
-        f"#SBATCH --output={run_dir}/slurm-%j.out",
-        f"#SBATCH --error={run_dir}/slurm-%j.err",
-        "#SBATCH --open-mode=append",
-        f"#SBATCH --signal=B:USR1@{job.signal_lead_s}",
-        "#SBATCH --requeue",
-    ]
-    header += [f"#SBATCH --{line}" for line in job.extra]
 
     hello = 'echo "[job.sbatch] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST'
     body = [

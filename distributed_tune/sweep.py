@@ -234,28 +234,16 @@ def render_array(job: Any, sweep_dir: Path, seeds: list[int], indices: list[int]
     `exec` keeps the batch shell's PID, so SLURM's `--signal=B:USR1` reaches that script's trap
     (checkpoint, requeue) exactly as for a single `submit`ted run.
     """
+    from distributed_tune.slurm import sbatch_directives
+
     sweep_dir = sweep_dir.resolve()
     header = [
         "#!/bin/bash",
         f"# {command_line}",
         "# Seed sweep as a SLURM job array: task i trains seed SEEDS[i] with seed_<seed>/job.sbatch.",
         "# To resubmit, run the sweep command again: it leaves finished seeds out of the array.",
-        f"#SBATCH --job-name={job.job_name}",
-        f"#SBATCH --array={array_spec(indices)}",
+        *sbatch_directives(job, Path.cwd(), output=f"{sweep_dir}/slurm-%A_%a.out", array=array_spec(indices)),
     ]
-    header += [f"#SBATCH --{key}={value}" for key, value in
-               (("partition", job.partition), ("account", job.account), ("time", job.time)) if value]
-    header += [f"#SBATCH --nodes={job.nodes}", "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={job.gpus_per_node}"]
-    if job.cpus_per_task:
-        header.append(f"#SBATCH --cpus-per-task={job.cpus_per_task}")
-    header += [
-        f"#SBATCH --chdir={Path.cwd().resolve()}",
-        f"#SBATCH --output={sweep_dir}/slurm-%A_%a.out",
-        "#SBATCH --open-mode=append",
-        f"#SBATCH --signal=B:USR1@{job.signal_lead_s}",
-        "#SBATCH --requeue",
-    ]
-    header += [f"#SBATCH --{line}" for line in job.extra]
     body = [
         "",
         "set -eu",

@@ -40,7 +40,7 @@ from distributed_tune.data import (
     tokenize,
 )
 from distributed_tune.distributed import build_accelerator
-from distributed_tune.errors import RunDirError, TrainingError
+from distributed_tune.errors import TrainingError
 from distributed_tune.evaluation import EVAL_BATCH, example_row, metrics_by_split, predict_distributed, write_jsonl
 from distributed_tune.metrics import MetricsLog
 from distributed_tune.model import (
@@ -214,23 +214,9 @@ class Recipe:
             self.print(f"resume: no complete checkpoint in {self.run_dir}; starting fresh")
             return
         state = checkpoint.read_trainer_state(ckpt)
-        zero = self.cfg.distributed.zero_stage
-        if state["zero_stage"] != zero:
-            raise RunDirError(
-                f"{ckpt} was saved with distributed.zero_stage={state['zero_stage']} but this run uses "
-                f"{zero}; resume with the same stage, or start a new run from its weights"
-            )
-        if zero is not None and state["world_size"] != self.derived.world_size:
-            raise RunDirError(
-                f"{ckpt} holds ZeRO state sharded over {state['world_size']} processes but this run has "
-                f"{self.derived.world_size}; resume with {state['world_size']} processes, or start a new run "
-                f"from consolidated weights (DeepSpeed's zero_to_fp32.py in {ckpt})"
-            )
-        if state["global_batch_size"] != self.derived.global_batch_size:
-            raise RunDirError(
-                f"{ckpt} was trained with train.global_batch_size={state['global_batch_size']}; "
-                f"resume with the same global batch (now {self.derived.global_batch_size})"
-            )
+        d = self.derived
+        checkpoint.check_resumable(ckpt, state, self.cfg.distributed.zero_stage, d.world_size,
+                                   d.global_batch_size, here=f"this run has {d.world_size}")
         self.accelerator.load_state(str(ckpt))
         if self.is_main:
             self.log.truncate_after(state["optimizer_step"])
