@@ -131,16 +131,11 @@ def run_finished(run_dir: Path) -> bool:
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]] | None:
+    """The run's metrics.jsonl records (a line cut short by a killed run is skipped), or None."""
+    from distributed_tune.metrics import read_metrics  # numpy: imported only when a run is read
+
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed run: the others still count
-    return out
+    return read_metrics(path) if path.is_file() else None
 
 
 def sweep_seeds(sweep_dir: Path) -> list[int]:
