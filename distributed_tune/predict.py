@@ -54,21 +54,16 @@ def read_sentences(args: argparse.Namespace) -> list[tuple[int | None, str]]:
 
 def predict(target: Any, sentences: list[str], batch_size: int) -> tuple[Any, Any]:
     """(predicted labels, P(acceptable)) in input order, batched by length on one process."""
-    import numpy as np
-    import torch
-
     from distributed_tune.data import tokenize
-    from distributed_tune.evaluate import load_trained
-    from distributed_tune.evaluation import gather_exactly_once, predict_indices
+    from distributed_tune.evaluate import SingleProcess, load_trained
+    from distributed_tune.evaluation import predict_distributed
 
     model, tokenizer = load_trained(target)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    process = SingleProcess()
+    model.to(process.device)
     # The label column is unused here; the same tokenize/collate path as evaluate gives the same numbers.
     data = tokenize([Example(s, 0, "predict", "") for s in sentences], tokenizer, target.max_length, None)
-    order = np.argsort(data.lengths, kind="stable")  # similar lengths together: little padding
-    local = predict_indices(model, data, order, device, batch_size, target.pad_to_multiple_of)
-    return gather_exactly_once(local, len(sentences))
+    return predict_distributed(process, model, data, batch_size, target.pad_to_multiple_of)
 
 
 def parser() -> argparse.ArgumentParser:
