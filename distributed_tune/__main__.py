@@ -2,6 +2,12 @@
 
 import sys
 
-from distributed_tune.cli import main
+# First, before torch and transformers load (seconds): a SLURM warning or Ctrl-C that arrives
+# while Python is still importing must not be lost.
+from distributed_tune import signals
+
+signals.install()
+
+from distributed_tune.cli import main  # noqa: E402
 
 sys.exit(main())

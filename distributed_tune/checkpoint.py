@@ -1,14 +1,26 @@
-"""Resumable checkpoints that cannot be half-written.
+"""Resumable checkpoints that cannot be half-written or silently swapped, and the run directory's
+own files.
 
-A checkpoint is written as ``checkpoints/.tmp-step_XXXXXXXX``, gets a ``COMPLETE`` manifest
-(every file's size and sha256) and is renamed to ``checkpoints/step_XXXXXXXX``. Older ones are
-deleted only after their successor is complete. On resume, the newest checkpoint whose files
-match its manifest is used; a damaged one is reported by name and skipped.
+A checkpoint is written as ``checkpoints/.tmp-step_XXXXXXXX``, gets a ``COMPLETE`` manifest (every
+file's size and sha256, sealed with an HMAC under this user's checkpoint key) and is renamed to
+``checkpoints/step_XXXXXXXX``. Older ones are deleted only after their successor is complete. On
+resume, the newest checkpoint whose files match its sealed manifest is used; a damaged or foreign
+one is reported by name and skipped, before DeepSpeed or accelerate unpickle anything from it.
+
+Trust boundary: DeepSpeed loads its ``*_model_states.pt`` / ``*_optim_states.pt`` and accelerate
+its RNG states with ``torch.load(weights_only=False)``, so a checkpoint folder can run code when it
+is loaded. The seal is an HMAC-SHA256 keyed by ``~/.config/distributed_tune/checkpoint.key`` (mode
+0600, created on first use; ``DT_CHECKPOINT_KEY`` names another file; on a cluster every node must
+see the same key): whoever can write the run directory but cannot read the key cannot make a
+checkpoint that is loaded. Model exports (``model/``) are safetensors only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,40 +28,89 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from distributed_tune.config import Config
-from distributed_tune.data import sha256_file
+from distributed_tune.config import Config, flat_dict
 from distributed_tune.errors import RunDirError
+from distributed_tune.files import atomic_write_json, sha256_file
+from distributed_tune.metrics import read_metrics
 
 MANIFEST = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+KEY_ENV = "DT_CHECKPOINT_KEY"
+
+# What a run writes into its directory (and all that `--overwrite` may delete).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "predictions.jsonl", "data_fingerprint.json", "STOPPED", ".lock",
+             "accelerate.yaml", "ds_config.json", "job.sbatch")
+RUN_DIRS = ("checkpoints", "model", ".tmp-model", "trackers")
+# Written by `evaluate` / `report` into these folders; only these names are ever deleted there.
+DERIVED_FILES = {"eval": ("metrics.json", "predictions.jsonl"),
+                 "report": ("report.md", "training.png", "evaluation.png", "confusion.png")}
 # What marks a run directory as used: a new run refuses it unless resume/overwrite is set.
 RESULTS = ("metrics.jsonl", "checkpoints", "model", "predictions.jsonl")
-# Derived from a run's results by `evaluate` / `report`; stale once the run is replaced.
-DERIVED_OUTPUTS = ("eval", "report")
-TRAINER_STATE = "trainer_state.json"
+
+# Config keys a resume must not change: they change what is trained (data, model, recipe,
+# arithmetic). Every other key (logging, evaluation and checkpoint frequency, early stopping,
+# output and cache paths, timeouts, trackers, micro batch / accumulation layout, offload) may change.
+TRAJECTORY_KEYS = (
+    "seed", "task", "precision", "model.name", "model.revision", "model.dropout", "data.source",
+    "data.train_file", "data.validation_file", "data.text_fields", "data.label_field", "data.regression",
+    "data.max_length", "data.pad_to_multiple_of", "data.length_grouping", "data.heldout_fraction",
+    "train.epochs", "train.max_steps", "train.global_batch_size", "train.lr", "train.weight_decay",
+    "train.adam_betas", "train.adam_eps", "train.warmup_ratio", "train.warmup_steps", "train.max_grad_norm",
+    "distributed.zero_stage", "fp16.initial_scale_power", "fp16.loss_scale_window", "fp16.hysteresis",
+    "fp16.min_loss_scale",
+)
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+# --------------------------------------------------------------------------- sealing
+
+
+def key_path() -> Path:
+    return Path(os.environ.get(KEY_ENV) or Path.home() / ".config" / "distributed_tune" / "checkpoint.key")
+
+
+def _key() -> bytes:
+    path = key_path()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(os.urandom(32).hex())
+        except FileExistsError:  # another rank made it first
+            pass
+    return path.read_text().strip().encode()
+
+
+def _seal(files: dict[str, list[Any]]) -> str:
+    body = json.dumps(files, sort_keys=True).encode()
+    return hmac.new(_key(), body, hashlib.sha256).hexdigest()
+
+
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {str(p.relative_to(folder)): [p.stat().st_size, sha256_file(p)] for p in files}
-    tmp = folder / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(folder / MANIFEST)
+    atomic_write_json(folder / MANIFEST, {"files": manifest, "hmac": _seal(manifest)})
 
 
 def verify(folder: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    """None if the checkpoint is complete, intact and sealed with this user's key, else what is
+    wrong with it."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         return "no COMPLETE manifest (interrupted while saving)"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
+        files, seal = manifest["files"], manifest["hmac"]
+    except (json.JSONDecodeError, KeyError, TypeError):
         return "unreadable COMPLETE manifest"
-    for rel, (size, digest) in manifest.items():
+    if not hmac.compare_digest(seal, _seal(files)):
+        return (f"its manifest is not sealed with this user's checkpoint key ({key_path()}): written elsewhere "
+                "or edited; it is not loaded (its pickles could run code)")
+    for rel, (size, digest) in files.items():
         p = folder / rel
         if not p.is_file():
             return f"{rel} is missing"
@@ -90,7 +151,7 @@ def save(
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+            atomic_write_json(tmp / TRAINER_STATE, trainer_state)
             write_manifest(tmp)
             if final.exists():  # a re-run of the same step (after a resume): replace it whole
                 shutil.rmtree(final)
@@ -120,43 +181,130 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / TRAINER_STATE).read_text())
 
 
-def check_resumable(ckpt: Path, state: dict[str, Any], zero_stage: int | None, world_size: int,
-                    global_batch_size: int, here: str) -> None:
-    """Refuse a resume that cannot continue the saved run: another ZeRO stage, ZeRO shards over
-    another number of processes, or another global batch (the data order would change). `here`
+# --------------------------------------------------------------------------- resume checks
+
+
+def trajectory(cfg: Config, fingerprint: dict[str, str] | None = None) -> dict[str, Any]:
+    """The config values (and data file hashes) that decide what is trained; saved with every
+    checkpoint, compared on resume."""
+    flat = flat_dict(cfg)
+    out = {k: flat[k] for k in TRAJECTORY_KEYS}
+    if fingerprint is not None:
+        out["data.sha256"] = dict(sorted(fingerprint.items()))
+    return out
+
+
+def check_resumable(ckpt: Path, state: dict[str, Any], cfg: Config, world_size: int, here: str,
+                    fingerprint: dict[str, str] | None = None) -> None:
+    """Refuse a resume that would not continue the saved run: another recipe (one line naming each
+    changed key with both values), ZeRO shards over another number of processes. `here`
     describes the new world, e.g. "this run has 4"."""
-    if state["zero_stage"] != zero_stage:
+    saved = state.get("trajectory", {})
+    now = trajectory(cfg, fingerprint)
+    changed = [k for k in now if k in saved and saved[k] != now[k] and (k != "data.sha256" or fingerprint)]
+    if changed:
+        def show(v: Any) -> str:
+            return json.dumps(v) if not isinstance(v, str) else v
+
+        diffs = "; ".join(f"{k}: {show(saved[k])} in the checkpoint, {show(now[k])} now" for k in changed)
         raise RunDirError(
-            f"{ckpt} was saved with distributed.zero_stage={state['zero_stage']} but this run uses "
-            f"{zero_stage}; resume with the same stage, or start a new run from its weights"
+            f"{ckpt} cannot be resumed with a changed recipe ({diffs}); resume with the run's own settings "
+            "(its config.yaml), or start a new run in another output_dir"
         )
-    if zero_stage is not None and state["world_size"] != world_size:
+    zero = state.get("zero_stage")
+    if zero is not None and state["world_size"] != world_size:
         raise RunDirError(
             f"{ckpt} holds ZeRO state sharded over {state['world_size']} processes but {here}; "
             f"resume with {state['world_size']} processes, or start a new run from consolidated weights "
             f"(DeepSpeed's zero_to_fp32.py in {ckpt})"
         )
-    if state["global_batch_size"] != global_batch_size:
-        raise RunDirError(
-            f"{ckpt} was trained with train.global_batch_size={state['global_batch_size']}; "
-            f"resume with the same global batch (now {global_batch_size})"
-        )
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Fail before anything loads if output_dir cannot be a writable folder."""
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == run_dir else f"is under {parent}, which is a file"
+                raise RunDirError(f"output_dir={run_dir} {what}; choose a folder path for output_dir")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise RunDirError(f"output_dir={run_dir}: no permission to write in {parent}; choose another "
+                                  "output_dir or fix the permissions")
+            return
+
+
+def run_finished(run_dir: Path) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.is_file() and any(r.get("event") == "finished" for r in read_metrics(path))
 
 
 def refuse_used_run_dir(cfg: Config) -> Path:
-    """Refuse to clobber a used run directory unless resume/overwrite says what to do."""
+    """Refuse to clobber a used run directory unless resume/overwrite says what to do, and refuse
+    an --overwrite that would delete what the run needs or what is not a run's."""
     run_dir = Path(cfg.output_dir)
+    check_output_dir(run_dir)
     used = [name for name in RESULTS if (run_dir / name).exists()]
     if used and not (cfg.resume or cfg.overwrite):
         raise RunDirError(
             f"output_dir={run_dir} already holds a run ({', '.join(used)}); pass --resume to continue "
             "it, --overwrite to replace it, or choose another output_dir"
         )
+    if cfg.overwrite and run_dir.is_dir():
+        if not looks_like_a_run(run_dir):
+            raise RunDirError(
+                f"--overwrite: output_dir={run_dir} does not look like a run directory (no config.yaml or "
+                "metrics.jsonl) and is not empty; nothing was deleted; choose another output_dir"
+            )
+        model = Path(cfg.model.name).expanduser()
+        if model.exists() and any(_inside(model, run_dir / d) for d in ("model", "checkpoints", ".tmp-model")):
+            raise RunDirError(
+                f"--overwrite would delete model.name={cfg.model.name}, the model being fine-tuned; copy it out of "
+                f"{run_dir} first or choose another output_dir"
+            )
     return run_dir
 
 
-def clear_results(run_dir: Path) -> None:
-    """--overwrite: remove the previous run's results (the rendered launch files stay)."""
-    for name in RESULTS + DERIVED_OUTPUTS:
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def looks_like_a_run(run_dir: Path) -> bool:
+    """A folder a run (or `launch`) wrote into, or an empty one."""
+    others = [p for p in run_dir.iterdir() if p.name != ".lock"]
+    return not others or any((run_dir / n).exists() for n in ("config.yaml", "metrics.jsonl"))
+
+
+def clear_results(run_dir: Path) -> list[Path]:
+    """--overwrite: remove what a previous run (and `evaluate` / `report`) wrote; the rendered
+    launch files stay, and a file the package did not write is never touched. Returns what
+    was removed."""
+    removed = []
+    for name in RUN_FILES:
+        if name in ("accelerate.yaml", "ds_config.json", "job.sbatch", ".lock", "config.yaml"):
+            continue  # rendered by launch/submit for this run, or held by it
         p = run_dir / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        if p.is_file():
+            p.unlink()
+            removed.append(p)
+    for name in RUN_DIRS:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+            removed.append(p)
+    for folder, names in DERIVED_FILES.items():
+        for name in names:
+            p = run_dir / folder / name
+            if p.is_file():
+                p.unlink()
+                removed.append(p)
+        with_nothing_else = run_dir / folder
+        if with_nothing_else.is_dir() and not any(with_nothing_else.iterdir()):
+            with_nothing_else.rmdir()
+    return removed

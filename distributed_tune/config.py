@@ -1,12 +1,15 @@
 """The training config: typed dataclasses are the single source of truth.
 
     python -m distributed_tune --config configs/cola_bert_base.yaml train.epochs=4 precision=bf16
+    python -m distributed_tune config --config configs/cola_bert_base.yaml train.lr=3e-5   # resolved
 
 A YAML file is merged over the dataclass defaults, then ``a.b=value`` overrides over that.
 Unknown keys and wrong types are rejected with the key, the expected type and the closest
-valid key. Everything derived from the config and the world size (accumulation, steps, warmup)
-is computed once in :func:`derive` and written, with the resolved config, into the run directory.
+valid key (also for the names users bring from the HF Trainer). Everything derived from the
+config and the world size (micro batch, accumulation, steps, warmup) is computed once in
+:func:`derive` and written, with the resolved config, into the run directory.
 
+Every command reads configs through :func:`load_config` (also a run's own config.yaml).
 This module imports no torch/transformers: ``--help``, validation and the launcher stay fast.
 """
 
@@ -24,8 +27,11 @@ from typing import Any, Literal
 import yaml
 
 from distributed_tune.errors import ConfigError
+from distributed_tune.files import atomic_write_text, not_utf8
+from distributed_tune.tasks import NAMES as TASK_NAMES
+from distributed_tune.tasks import Task, get_task
 
-OFFICIAL_COLA_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -42,18 +48,32 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = OFFICIAL_COLA_URL
-    """A local folder with the raw CoLA TSVs, the official zip URL, or `hub` (nyu-mll/glue, cola)."""
+    source: str | None = None
+    """Where the task's data comes from: a local folder, a URL (CoLA's official zip), `hub`, or a
+    `datasets` save_to_disk folder; null: the task's default (CoLA: the official URL; GLUE: hub)."""
+    train_file: str | None = None
+    """task=custom: the training file (.csv, .tsv or .jsonl)."""
+    validation_file: str | None = None
+    """task=custom: the evaluation file, same format."""
+    test_file: str | None = None
+    """task=custom: an optional unlabeled file for `predict --test`."""
+    text_fields: tuple[str, ...] | None = None
+    """task=custom: the text column, or two columns for sentence pairs."""
+    label_field: str = "label"
+    """task=custom: the label column (strings or integers; a number with data.regression)."""
+    regression: bool = False
+    """task=custom: the label is a number to predict (MSE loss; Pearson/Spearman), not a class."""
     cache_dir: str = "~/.cache/distributed_tune"
-    """Where the downloaded archive and the tokenized dataset are cached."""
+    """Where downloads and the tokenized dataset are cached."""
     max_length: int = 128
-    """Tokens per sentence at most (CoLA's longest is ~47 BERT tokens)."""
+    """Tokens per example at most (CoLA's longest sentence is ~47 BERT tokens)."""
     pad_to_multiple_of: int | None = None
     """Pad each batch to a multiple of this; null means 8 under fp16/bf16, else 1."""
     length_grouping: bool = True
-    """Group sentences of similar length into the same global batch (less padding, same data)."""
-    num_workers: int = 0
-    """DataLoader workers; batches are pre-tokenized, so 0 is usually fastest."""
+    """Group examples of similar length into the same global batch (less padding, same data)."""
+    heldout_fraction: float = 0.0
+    """Hold out this fraction of the training set (stratified, the same rows for every seed) to
+    select the best model and stop early on; the dev sets are then reported, never selected on."""
 
 
 @dataclass(frozen=True)
@@ -64,9 +84,12 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (evaluation still runs at the end); null: epochs."""
     global_batch_size: int = 32
-    """Sentences per optimizer step, summed over all processes and accumulation steps."""
-    micro_batch_size: int = 32
-    """Sentences per forward pass on one process; accumulation is derived from the two."""
+    """Examples per optimizer step, summed over all processes and accumulation steps: the recipe."""
+    micro_batch_size: int | None = None
+    """Examples per forward pass on one process; null: global batch / world size, with gradient
+    accumulation only where that exceeds train.max_micro_batch_size."""
+    max_micro_batch_size: int = 32
+    """The largest automatic micro batch (a memory cap per device)."""
     lr: float = 2e-5
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.01
@@ -77,6 +100,8 @@ class TrainConfig:
     """One fused kernel per AdamW step instead of ~6 passes over memory (4x faster on CPU)."""
     warmup_ratio: float = 0.1
     """Fraction of the total optimizer steps spent in linear warmup, then linear decay to 0."""
+    warmup_steps: int | None = None
+    """Warmup in optimizer steps; when set it replaces train.warmup_ratio."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     log_every: int = 10
@@ -85,21 +110,25 @@ class TrainConfig:
     """Evaluate every this many optimizer steps (0: only at the end of each epoch). 50 is about 5
     evaluations per epoch at batch 32: CoLA runs can peak and fall within an epoch."""
     early_stopping_patience: int = 10
-    """Stop after this many evaluations without a better dev MCC (0: never stop early); 10 is about
-    two epochs at batch 32 (Dodge et al. 2020: stop bad runs early)."""
+    """Stop after this many evaluations without a better selection metric (0: never stop early).
+    Counting starts at the first evaluation that predicts more than one class: a run still in
+    its one-class start is not stopped (Dodge et al. 2020: stop bad runs early, not slow ones)."""
     select_best: bool = True
-    """The final model/ folder holds the weights of the best dev-MCC evaluation (training_info.json
-    says which step), not the last ones. Note: chosen on the dev set that is also reported."""
+    """The final model/ folder holds the weights of the best evaluation of the task's selection
+    metric (training_info.json says which step), not the last ones."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every this many optimizer steps (0: only at epoch ends)."""
     keep_checkpoints: int = 2
     """How many of the newest complete checkpoints to keep."""
+    compile: bool = False
+    """torch.compile the model (CUDA: worth it for long runs; each new batch width compiles once)."""
 
 
 @dataclass(frozen=True)
 class DistributedConfig:
     zero_stage: int | None = None
-    """null: plain data parallel (DDP, or one process); 0-3: DeepSpeed with this ZeRO stage."""
+    """0-3: DeepSpeed with this ZeRO stage; null: plain data parallel (DDP, or one process).
+    Unset in the config, accelerate's DeepSpeed setting (--use_deepspeed --zero_stage N) applies."""
     offload_optimizer: Literal["none", "cpu"] = "none"
     """DeepSpeed optimizer-state offload (ZeRO 1-3)."""
     offload_params: Literal["none", "cpu"] = "none"
@@ -127,10 +156,17 @@ class Fp16Config:
 class Config:
     seed: int = 42
     """Seeds the model head, the data order (seed, epoch) and dropout (seed, step, micro-batch)."""
+    task: str = "cola"
+    """cola, a GLUE task as `datasets` names it (sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), or
+    custom (your own files: data.train_file, data.validation_file, data.text_fields)."""
     output_dir: str = "runs/cola"
     """The run directory: config, metrics.jsonl, predictions, checkpoints, final model."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Mixed precision; fp16 needs a CUDA device."""
+    """Mixed precision; fp16 needs a CUDA device. Unset in the config, accelerate's mixed_precision
+    (its config file or --mixed_precision) applies."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers (accelerate's): none, tensorboard, wandb, mlflow, or a list; files
+    under output_dir/trackers, rank 0 only."""
     resume: bool = False
     """Continue from the newest complete checkpoint in output_dir (start fresh if none)."""
     overwrite: bool = False
@@ -141,9 +177,28 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     fp16: Fp16Config = field(default_factory=Fp16Config)
 
+    @property
+    def task_spec(self) -> Task:
+        return get_task(self.task, regression=self.data.regression)
+
 
 # Written by the run into config.yaml for the record; read back, it is recomputed, not trusted.
 DERIVED_KEY = "derived"
+
+# Names users bring from the HF Trainer / run_glue.py -> ours (for the unknown-key error).
+TRAINER_NAMES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "warmup_steps": "train.warmup_steps",
+    "per_device_train_batch_size": "train.micro_batch_size (the recipe is train.global_batch_size)",
+    "train_batch_size": "train.global_batch_size", "batch_size": "train.global_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (accumulation is derived from it)",
+    "max_seq_length": "data.max_length", "eval_steps": "train.eval_every", "save_steps": "train.checkpoint_every",
+    "logging_steps": "train.log_every", "save_total_limit": "train.keep_checkpoints",
+    "load_best_model_at_end": "train.select_best", "model_name_or_path": "model.name", "task_name": "task",
+    "fp16": "precision=fp16", "bf16": "precision=bf16", "deepspeed": "distributed.zero_stage",
+    "adam_beta1": "train.adam_betas", "adam_beta2": "train.adam_betas", "adam_epsilon": "train.adam_eps",
+    "resume_from_checkpoint": "--resume", "overwrite_output_dir": "--overwrite", "max_length": "data.max_length",
+    "dataset_name": "task / data.source", "label_column_name": "data.label_field",
+}
 
 
 @dataclass(frozen=True)
@@ -169,21 +224,37 @@ class Derived:
         )
 
 
-def check_batch_arithmetic(cfg: Config, world_size: int) -> int:
-    """Return the gradient accumulation steps, or fail on batch sizes that cannot be made."""
-    t = cfg.train
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
+def batch_layout(t: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro batch, gradient accumulation steps) that make train.global_batch_size on `world_size`
+    processes; fails with one line when no layout can."""
+    g = t.global_batch_size
+    if t.micro_batch_size is not None:
+        per_step = t.micro_batch_size * world_size
+        if g % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={t.micro_batch_size} "
+                f"x world size {world_size} = {per_step}; pick a global batch that is a multiple of {per_step} "
+                "or leave train.micro_batch_size unset (null: derived)"
+            )
+        return t.micro_batch_size, g // per_step
+    if g % world_size:
         raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size={t.micro_batch_size} x world size {world_size} = {per_step}; "
-            f"pick a global batch that is a multiple of {per_step} or change the micro batch"
+            f"train.global_batch_size={g} cannot be split over world size {world_size}; pick a global batch "
+            f"that is a multiple of {world_size} (e.g. {math.ceil(g / world_size) * world_size}) or another "
+            "number of processes"
         )
-    return t.global_batch_size // per_step
+    per_rank = g // world_size
+    accumulation = next(a for a in range(1, per_rank + 1)
+                        if per_rank % a == 0 and per_rank // a <= t.max_micro_batch_size)
+    return per_rank // accumulation, accumulation
+
+
+def pad_multiple(cfg: Config) -> int:
+    return cfg.data.pad_to_multiple_of or (8 if cfg.precision in ("bf16", "fp16") else 1)
 
 
 def derive(cfg: Config, world_size: int, train_examples: int) -> Derived:
-    accumulation = check_batch_arithmetic(cfg, world_size)
+    micro, accumulation = batch_layout(cfg.train, world_size)
     steps_per_epoch = train_examples // cfg.train.global_batch_size  # the last partial batch is dropped
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -193,17 +264,18 @@ def derive(cfg: Config, world_size: int, train_examples: int) -> Derived:
     total = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    pad = cfg.data.pad_to_multiple_of or (8 if cfg.precision != "fp32" else 1)
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
     return Derived(
         world_size=world_size,
-        micro_batch_size=cfg.train.micro_batch_size,
+        micro_batch_size=micro,
         gradient_accumulation_steps=accumulation,
-        global_batch_size=cfg.train.global_batch_size,
+        global_batch_size=t.global_batch_size,
         train_examples=train_examples,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
-        warmup_steps=math.ceil(cfg.train.warmup_ratio * total),
-        pad_to_multiple_of=pad,
+        warmup_steps=min(warmup, total),
+        pad_to_multiple_of=pad_multiple(cfg),
     )
 
 
@@ -215,7 +287,12 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if _optional_inner(tp) is not None:
         return f"{_type_name(_optional_inner(tp))} or null"
-    return getattr(tp, "__name__", str(tp)).replace("tuple", "list of 2 floats")
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {args[0].__name__}"
+        return f"list of {len(args)} {args[0].__name__}s"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _optional_inner(tp: Any) -> Any:
@@ -246,9 +323,16 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise bad()
         return value
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(tp)):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            if isinstance(value, str):  # `report_to: tensorboard`, `text_fields: sentence`
+                value = [value]
+            if not isinstance(value, (list, tuple)):
+                raise bad()
+            return tuple(_coerce(v, args[0], key, where) for v in value)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise bad()
-        return tuple(_coerce(v, t, key, where) for v, t in zip(value, typing.get_args(tp)))
+        return tuple(_coerce(v, t, key, where) for v, t in zip(value, args))
     if tp is bool:
         if not isinstance(value, bool):
             raise bad()
@@ -260,7 +344,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML reads "2e-5" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad() from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -278,6 +362,9 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _suggest(key: str, valid: list[str]) -> str:
+    ours = TRAINER_NAMES.get(key.rsplit(".", 1)[-1])
+    if ours is not None:
+        return f"; that is the HF Trainer's name: here it is {ours}"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
@@ -308,6 +395,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{full}.", where)
+        elif key == "report_to" and value in ("none", None):
+            kwargs[key] = ()
         else:
             kwargs[key] = _coerce(value, tp, full, where)
     return cls(**kwargs)
@@ -351,10 +440,16 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a directory; pass a YAML file (e.g. {path}/config.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(not_utf8(path, e)) from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -367,44 +462,83 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `a.b=value` overrides, validated."""
+    """Defaults <- YAML file <- `a.b=value` overrides, validated; data.source resolved to the
+    task's default when left null."""
+    return load_config_and_keys(path, overrides)[0]
+
+
+def load_config_and_keys(path: str | Path | None = None,
+                         overrides: list[str] | None = None) -> tuple[Config, frozenset[str]]:
+    """`load_config`, and the dotted keys the file and the overrides set (the others are defaults,
+    which accelerate's own settings may replace)."""
     data = read_yaml(path) if path is not None else {}
     where = str(path) if path is not None else "config"
     cfg = _build(Config, data, "", where)
-    if overrides:
-        merged = _merge(to_dict(cfg), parse_overrides(overrides))
-        cfg = _build(Config, merged, "", "override")
+    over = parse_overrides(overrides or [])
+    if over:
+        cfg = _build(Config, _merge(to_dict(cfg), over), "", "override")
     validate(cfg)
-    return cfg
+    task = cfg.task_spec
+    if cfg.data.source is None and task.default_source is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=task.default_source))
+    return cfg, frozenset(_dotted(data)) | frozenset(_dotted(over))
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out += _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def _finite(values: dict[str, float]) -> None:
+    for key, value in values.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
 
 
 def validate(cfg: Config) -> None:
     """Checks of single values and of combinations that need no hardware knowledge."""
-    t, d = cfg.train, cfg.distributed
+    t, d, data = cfg.train, cfg.distributed, cfg.data
+    if cfg.task not in TASK_NAMES:
+        get_task(cfg.task)  # raises with the closest name
+    _finite({"train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.adam_eps": t.adam_eps,
+             "train.warmup_ratio": t.warmup_ratio, "train.max_grad_norm": t.max_grad_norm,
+             "data.heldout_fraction": data.heldout_fraction, "train.adam_betas": sum(t.adam_betas),
+             **({"model.dropout": cfg.model.dropout} if cfg.model.dropout is not None else {})})
     positive = {
         "train.epochs": t.epochs,
         "train.global_batch_size": t.global_batch_size,
-        "train.micro_batch_size": t.micro_batch_size,
+        "train.max_micro_batch_size": t.max_micro_batch_size,
         "train.log_every": t.log_every,
         "train.keep_checkpoints": t.keep_checkpoints,
-        "data.max_length": cfg.data.max_length,
+        "data.max_length": data.max_length,
         "distributed.timeout_s": d.timeout_s,
+        **({"train.micro_batch_size": t.micro_batch_size} if t.micro_batch_size is not None else {}),
+        **({"data.pad_to_multiple_of": data.pad_to_multiple_of} if data.pad_to_multiple_of is not None else {}),
+        **({"train.max_steps": t.max_steps} if t.max_steps is not None else {}),
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
     for key, value in {"train.eval_every": t.eval_every, "train.checkpoint_every": t.checkpoint_every,
-                       "train.early_stopping_patience": t.early_stopping_patience}.items():
+                       "train.early_stopping_patience": t.early_stopping_patience,
+                       "train.weight_decay": t.weight_decay, "train.warmup_steps": t.warmup_steps or 0,
+                       "train.max_grad_norm": t.max_grad_norm}.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be 0 (off) or positive")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"train.max_steps={t.max_steps} must be at least 1 (or null for all epochs)")
     if not 0.0 <= t.warmup_ratio <= 1.0:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} must be between 0 and 1")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
+    if not all(0.0 <= b < 1.0 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas={list(t.adam_betas)} must each be in [0, 1) (e.g. [0.9, 0.999])")
+    if t.adam_eps <= 0:
+        raise ConfigError(f"train.adam_eps={t.adam_eps} must be positive (e.g. 1e-8)")
     if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    if not 0.0 <= data.heldout_fraction <= 0.5:
+        raise ConfigError(f"data.heldout_fraction={data.heldout_fraction} must be between 0 (off) and 0.5")
     if d.zero_stage is not None and d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"distributed.zero_stage={d.zero_stage} must be 0, 1, 2, 3 or null (plain DDP)")
     if d.offload_optimizer != "none" and not d.zero_stage:
@@ -417,8 +551,32 @@ def validate(cfg: Config) -> None:
             f"distributed.offload_params=cpu needs distributed.zero_stage=3 (now {d.zero_stage}); "
             "parameter offload exists only in ZeRO-3"
         )
+    for name in cfg.report_to:
+        if name not in TRACKERS:
+            raise ConfigError(f"report_to: {name!r} is not a tracker; use none or a list of {', '.join(TRACKERS)}")
+    _validate_task_data(cfg)
     if cfg.resume and cfg.overwrite:
         raise ConfigError("resume=true and overwrite=true contradict each other; pick one")
+
+
+def _validate_task_data(cfg: Config) -> None:
+    data = cfg.data
+    own_files = {"data.train_file": data.train_file, "data.validation_file": data.validation_file,
+                 "data.test_file": data.test_file, "data.text_fields": data.text_fields}
+    if cfg.task != "custom":
+        used = [k for k, v in own_files.items() if v is not None]
+        if used or data.regression:
+            raise ConfigError(f"{(used or ['data.regression'])[0]} is for task=custom (your own files); "
+                              f"task={cfg.task} reads data.source")
+        return
+    missing = [k for k in ("data.train_file", "data.validation_file", "data.text_fields") if own_files[k] is None]
+    if missing:
+        raise ConfigError(f"task=custom needs {', '.join(missing)} (e.g. data.train_file=train.csv "
+                          "data.validation_file=dev.csv data.text_fields=[sentence])")
+    if not 1 <= len(data.text_fields or ()) <= 2:
+        raise ConfigError(f"data.text_fields={list(data.text_fields or ())} must name one or two columns")
+    if data.source is not None:
+        raise ConfigError("task=custom reads data.train_file / data.validation_file; leave data.source unset")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -433,16 +591,34 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     }
 
 
-def dump_resolved(cfg: Config, derived: Derived | None, path: Path) -> None:
-    """Write the config that ran (plus the derived numbers) as YAML, atomically. `resume` and
-    `overwrite` say how one invocation treats the run directory, not what the run is: they are
-    written as false, so that re-running from this file never deletes results by surprise."""
+def flat_dict(cfg: Any) -> dict[str, Any]:
+    """{'train.lr': 2e-05, ...}: every leaf key, for comparisons and tracker hyperparameters."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def to_yaml(cfg: Config, derived: Derived | None = None) -> str:
+    """The resolved config as YAML (+ the derived numbers). `resume` and `overwrite` say how one
+    invocation treats the run directory, not what the run is: written as false, so that re-running
+    from this file never deletes results by surprise."""
     data = {**to_dict(cfg), "resume": False, "overwrite": False}
     if derived is not None:
         data[DERIVED_KEY] = dataclasses.asdict(derived)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def dump_resolved(cfg: Config, derived: Derived | None, path: Path) -> None:
+    """Write the config that ran (plus the derived numbers) as YAML, atomically."""
+    atomic_write_text(path, to_yaml(cfg, derived))
 
 
 def help_text() -> str:
@@ -457,7 +633,7 @@ def help_text() -> str:
         body = tree.body[0].body  # type: ignore[attr-defined]
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-                out[node.target.id] = nxt.value.value.strip()  # type: ignore[union-attr]
+                out[node.target.id] = " ".join(nxt.value.value.split())  # type: ignore[union-attr]
         return out
 
     def walk(cls: type, prefix: str) -> None:
@@ -468,6 +644,8 @@ def help_text() -> str:
                 walk(tp, f"{prefix}{f.name}.")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
+            if isinstance(default, tuple):
+                default = list(default)
             lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default!r})")
             if f.name in doc:
                 lines.append(f"      {doc[f.name]}")

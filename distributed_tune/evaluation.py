@@ -1,76 +1,73 @@
 """Batched prediction over a tokenized set, on one process or many, each example exactly once.
 
-Used by the training loop's evaluation, by `evaluate` and by `predict`:
+Used by the training loop's evaluation and by the `evaluate` and `predict` commands:
 
-    preds, probs = predict_distributed(accelerator, model, data, batch_size=128, pad_to_multiple_of=1)
+    outputs = predict_distributed(accelerator, model, data, batch_size=128, pad_to_multiple_of=1)
+    preds = predictions(task, outputs)          # class indices, or scores for regression
 
 Every process runs the same number of batches (ZeRO-3's forward is a collective), takes its
-length-sorted round-robin shard (`data.eval_shard`), and the predictions are gathered with their
+length-sorted round-robin shard (`data.eval_shard`), and the outputs are gathered with their
 example indices; `gather_exactly_once` then checks that each example came back exactly once
 (the duplicated/missing-sample trap of `gather_for_metrics`, accelerate #350 and others).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from distributed_tune.data import LABELS, Example, Tokenized, collate, eval_shard
-from distributed_tune.metrics import classification_metrics
+from distributed_tune.data import Tokenized, collate, eval_shard
+from distributed_tune.tasks import Example, Task
 
 EVAL_BATCH = 128  # the training loop's and `evaluate`'s batch: same batches, same floating-point sums
-Prediction = tuple[int, int, float]  # (example index, predicted label, probability of label 1)
+Output = tuple[int, list[float]]  # (example index, the model's outputs: class probabilities or the score)
 
 
 @torch.no_grad()
 def predict_indices(model: torch.nn.Module, data: Tokenized, index: np.ndarray, device: Any,
-                    batch_size: int, pad_to_multiple_of: int) -> list[Prediction]:
+                    batch_size: int, pad_to_multiple_of: int, regression: bool) -> list[Output]:
     """Predict the examples `index` (-1 = padding slot: run, then dropped) in batches."""
-    out: list[Prediction] = []
+    out: list[Output] = []
     for start in range(0, len(index), batch_size):
         part = index[start : start + batch_size]
         batch = collate(data, part, pad_to_multiple_of)
         logits = model(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         ).logits.float()
-        probs = torch.softmax(logits, dim=-1)[:, 1].cpu().numpy()
-        out += [(int(i), int(p > 0.5), float(p)) for i, p in zip(part, probs) if i >= 0]
+        values = logits if regression else torch.softmax(logits, dim=-1)
+        out += [(int(i), v) for i, v in zip(part, values.cpu().tolist()) if i >= 0]
     return out
 
 
-def gather_exactly_once(local: list[Prediction], n: int,
-                        gather: Callable[[list[Prediction]], list[Prediction]] | None = None
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """All processes' predictions in example order; fails if one is missing or counted twice."""
+def gather_exactly_once(local: list[Output], n: int, gather: Callable[[list[Output]], list[Output]] | None = None
+                        ) -> np.ndarray:
+    """All processes' outputs in example order, [n, outputs]; fails if an example is missing or
+    counted twice."""
     gathered = list(gather(local) if gather is not None else local)
-    indices = sorted(i for i, _, _ in gathered)
+    indices = sorted(i for i, _ in gathered)
     if indices != list(range(n)):
         raise AssertionError(
             f"gathered {len(indices)} predictions for {n} examples ({len(set(indices))} distinct): "
             "an example was lost or counted twice"
         )
-    gathered.sort()
-    preds = np.array([p for _, p, _ in gathered], dtype=np.int64)
-    probs = np.array([q for _, _, q in gathered], dtype=np.float64)
-    return preds, probs
+    gathered.sort(key=lambda item: item[0])
+    return np.array([v for _, v in gathered], dtype=np.float64).reshape(n, -1)
 
 
 def predict_distributed(accelerator: Any, model: torch.nn.Module, data: Tokenized, batch_size: int,
-                        pad_to_multiple_of: int) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted labels, P(label 1)) for every example of `data`, on every process.
-
-    Collective: all processes must call it. The model is put in eval mode and restored after.
-    """
+                        pad_to_multiple_of: int, regression: bool) -> np.ndarray:
+    """The model's outputs ([n, classes] probabilities, or [n, 1] scores) for every example of
+    `data`, on every process. Collective: all processes must call it. The model is put in eval
+    mode and restored after."""
     shard = eval_shard(data.lengths, accelerator.process_index, accelerator.num_processes)
     was_training = model.training
     model.eval()
     try:
-        local = predict_indices(model, data, shard, accelerator.device, batch_size, pad_to_multiple_of)
+        local = predict_indices(model, data, shard, accelerator.device, batch_size, pad_to_multiple_of, regression)
     finally:
         model.train(was_training)
     if accelerator.num_processes == 1:
@@ -80,21 +77,40 @@ def predict_distributed(accelerator: Any, model: torch.nn.Module, data: Tokenize
     return gather_exactly_once(local, len(data), gather_object)
 
 
-def metrics_by_split(labels: np.ndarray, preds: np.ndarray, splits: Sequence[str],
-                     combined: str | None) -> dict[str, dict[str, Any]]:
-    """`classification_metrics` for each split (in order of first appearance), plus `combined`
-    (all examples) when given."""
-    splits_arr = np.asarray(splits)
-    out = {}
-    for split in dict.fromkeys(splits):
-        mask = splits_arr == split
-        out[split] = classification_metrics(labels[mask], preds[mask])
-    if combined is not None:
-        out[combined] = classification_metrics(labels, preds)
-    return out
+def predictions(task: Task, outputs: np.ndarray) -> np.ndarray:
+    """Class indices (argmax) or regression scores from `predict_distributed`'s outputs."""
+    return outputs[:, 0] if task.regression else outputs.argmax(axis=1)
 
 
-def metrics_by_source(labels: np.ndarray, preds: np.ndarray, sources: Sequence[str]) -> dict[str, dict[str, Any]]:
+def prediction_row(task: Task, label_names: tuple[str, ...], output: np.ndarray, **fields: Any) -> dict[str, Any]:
+    """One line of a predictions.jsonl (training, evaluate and predict write the same fields)."""
+    if task.regression:
+        return {**fields, "pred": round(float(output[0]), 6)}
+    pred = int(np.argmax(output))
+    return {**fields, "pred": pred, "pred_label": label_names[pred], "prob": round(float(output[pred]), 6),
+            "probs": [round(float(p), 6) for p in output]}
+
+
+def example_fields(index: int, e: Example, task: Task) -> dict[str, Any]:
+    """The example's own fields: position, split, source (CoLA), its text and gold label."""
+    fields: dict[str, Any] = {"index": index, "split": e.split}
+    if e.source:
+        fields["source"] = e.source
+    if len(e.text) == 1:
+        fields["sentence"] = e.text[0]
+    else:
+        fields["text"] = list(e.text)
+    if e.label is not None:
+        fields["label"] = e.label
+    return fields
+
+
+def example_rows(task: Task, label_names: tuple[str, ...], examples: list[Example], outputs: np.ndarray):
+    for i, (e, out) in enumerate(zip(examples, outputs)):
+        yield prediction_row(task, label_names, out, **example_fields(i, e, task))
+
+
+def metrics_by_source(labels: np.ndarray, preds: np.ndarray, sources: list[str]) -> dict[str, dict[str, Any]]:
     """n, accuracy and MCC per source publication (CoLA column 1), sorted by source.
 
     MCC is None where it is undefined: a source whose gold labels or predictions are all one class.
@@ -115,21 +131,17 @@ def metrics_by_source(labels: np.ndarray, preds: np.ndarray, sources: Sequence[s
     return out
 
 
-def prediction_row(pred: int, prob_acceptable: float, **fields: Any) -> dict[str, Any]:
-    """One line of a predictions.jsonl (run, evaluate and predict write the same fields)."""
-    return {**fields, "pred": int(pred), "pred_label": LABELS[int(pred)],
-            "prob_acceptable": round(float(prob_acceptable), 6)}
+class SingleProcess:
+    """What `predict_distributed` needs of an Accelerator, for a world of one: no process group,
+    no accelerate global state (a plain `python -m distributed_tune evaluate` / `predict`)."""
 
+    process_index, num_processes, is_main_process = 0, 1, True
 
-def example_row(index: int, e: Example, pred: int, prob_acceptable: float) -> dict[str, Any]:
-    return prediction_row(pred, prob_acceptable, index=index, split=e.split, source=e.source,
-                          sentence=e.sentence, label=e.label)
+    def __init__(self) -> None:
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    def main_process_first(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write JSON lines atomically: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
+    def wait_for_everyone(self) -> None:
+        pass

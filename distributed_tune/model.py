@@ -1,19 +1,34 @@
-"""Model, tokenizer, optimizer and schedule: the pretrained encoder configured for CoLA."""
+"""Model, tokenizer, optimizer and schedule: a pretrained encoder configured for the task.
+
+    tokenizer = load_tokenizer(cfg.model)
+    model, notes = load_model(cfg.model, label_names, regression, tokenizer.pad_token_id)
+
+Loading is quiet (no weight-loading bars, no transformers load table): what matters is said once
+in `notes` (a new classification head, a head re-initialised for another number of labels, encoder
+weights that were missing).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distributed_tune.config import ModelConfig, TrainConfig
-from distributed_tune.data import LABELS
 from distributed_tune.errors import ModelError
+
+HEAD_PREFIXES = ("classifier.", "score.", "pooler.", "pre_classifier.", "logits_proj", "sequence_summary.")
+
+
+def _reason(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def _load_error(cfg: ModelConfig, what: str, e: Exception) -> ModelError:
@@ -26,8 +41,7 @@ def _load_error(cfg: ModelConfig, what: str, e: Exception) -> ModelError:
             f"'{cfg.name}' could not be fetched from the Hugging Face hub (no network, or no such model); "
             "set model.name to a local save_pretrained folder"
         )
-    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return ModelError(f"model.name={cfg.name}: cannot load the {what}: {hint} ({reason})")
+    return ModelError(f"model.name={cfg.name}: cannot load the {what}: {hint} ({_reason(e)})")
 
 
 def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -51,24 +65,58 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars ("Loading weights", "Writing model shards") and no load report table."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    """The model's tokenizer; a model without a pad token (GPT-2) pads with its EOS token."""
+    """The model's tokenizer, padding on the right (also recorded in the export, so that a
+    left-padding family such as Llama reloads it the same way); a model without a pad token
+    (GPT-2) pads with its EOS token."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.name, **_hub_kwargs(cfg))
-    except (OSError, ValueError) as e:
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(cfg.name, **_hub_kwargs(cfg))
+    except (OSError, ValueError, TypeError) as e:
         raise _load_error(cfg, "tokenizer", e) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelError(f"model.name={cfg.name}: the tokenizer has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
+    tok.init_kwargs["padding_side"] = "right"  # save_pretrained writes init_kwargs
     return tok
 
 
-def load_model(cfg: ModelConfig, pad_token_id: int) -> torch.nn.Module:
-    """AutoModelForSequenceClassification with 2 labels and the CoLA label names."""
+def max_positions(model_config: Any, tokenizer: Any) -> int | None:
+    """How many tokens the model can take (position embeddings), if it says."""
+    limits = [getattr(model_config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+              if isinstance(getattr(model_config, k, None), int)]
+    if getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < 100_000:
+        limits.append(int(tokenizer.model_max_length))
+    if getattr(model_config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") and limits:
+        limits[0] -= 2  # position ids start after the padding index
+    return min(limits) if limits else None
+
+
+def load_model(cfg: ModelConfig, label_names: tuple[str, ...], regression: bool, pad_token_id: int,
+               max_length: int, tokenizer: Any) -> tuple[torch.nn.Module, list[str]]:
+    """AutoModelForSequenceClassification for the task's labels (or one regression output), and
+    notes worth saying once (head initialised or replaced, missing weights)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kwargs = _hub_kwargs(cfg)
@@ -76,9 +124,17 @@ def load_model(cfg: ModelConfig, pad_token_id: int) -> torch.nn.Module:
         mcfg = AutoConfig.from_pretrained(cfg.name, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(cfg, "model config", e) from None
-    mcfg.num_labels = 2
-    mcfg.id2label = dict(LABELS)
-    mcfg.label2id = {v: k for k, v in LABELS.items()}
+    limit = max_positions(mcfg, tokenizer)
+    if limit is not None and max_length > limit:
+        raise ModelError(f"data.max_length={max_length} is more than model.name={cfg.name} takes ({limit} "
+                         f"positions); set data.max_length={limit} or less")
+    old_labels = getattr(mcfg, "num_labels", 2) if getattr(mcfg, "architectures", None) and any(
+        a.endswith("ForSequenceClassification") for a in mcfg.architectures) else None
+    mcfg.num_labels = len(label_names) if not regression else 1
+    mcfg.problem_type = "regression" if regression else "single_label_classification"
+    names = label_names if not regression else ("score",)
+    mcfg.id2label = dict(enumerate(names))
+    mcfg.label2id = {v: k for k, v in mcfg.id2label.items()}
     mcfg.pad_token_id = pad_token_id
     if cfg.dropout is not None:
         # Every config field that is a dropout probability (hidden, attention, classifier, ...).
@@ -86,12 +142,27 @@ def load_model(cfg: ModelConfig, pad_token_id: int) -> torch.nn.Module:
             if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float):
                 setattr(mcfg, key, cfg.dropout)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.name, config=mcfg, use_safetensors=None, **kwargs
-        )
-    except (OSError, ValueError) as e:
+        with quiet_transformers():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                cfg.name, config=mcfg, use_safetensors=None, ignore_mismatched_sizes=True,
+                output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
         raise _load_error(cfg, "model weights", e) from None
-    return model
+    notes = []
+    mismatched = sorted(k for k, *_ in info.get("mismatched_keys", ()))
+    missing = sorted(info.get("missing_keys", ()))
+    head_new = [k for k in missing if k.startswith(HEAD_PREFIXES)]
+    if mismatched:
+        notes.append(f"model.name={cfg.name} had a {old_labels or '?'}-output head; it was replaced by a new "
+                     f"{mcfg.num_labels}-output head ({', '.join(mismatched)}) for this task")
+    elif head_new:
+        notes.append(f"a new {mcfg.num_labels}-output classification head was initialised "
+                     f"({', '.join(head_new)}): expected when fine-tuning a pretrained encoder")
+    other = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if other:
+        notes.append(f"warning: model.name={cfg.name} lacks {len(other)} encoder weights, initialised at random "
+                     f"({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}); is it the right checkpoint?")
+    return model, notes
 
 
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -158,4 +229,3 @@ def peak_flops(precision: str) -> float | None:
         if key in name:
             return peaks[precision] * 1e12
     return None
-

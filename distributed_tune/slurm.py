@@ -1,50 +1,38 @@
-"""SLURM: render a batch script for a run, submit it, and requeue it when it is preempted.
-
-    python -m distributed_tune submit --config configs/cola_bert_base_zero2.yaml --nodes 2 --gpus-per-node 8 \\
-        --time 02:00:00 --partition gpu [--account A] [--dry-run] train.micro_batch_size=2
-    sbatch runs/<run>/job.sbatch          # submit the rendered script again (it always resumes)
-
-Writes into the run directory (``output_dir``) the launcher files (config.yaml, accelerate.yaml,
-ds_config.json; see launcher.py) and ``job.sbatch``, then calls ``sbatch`` (not with --dry-run).
+"""SLURM batch scripts for a run, and for a sweep's job array (the library side of `submit` and
+`sweep --slurm`).
 
 The script's shape (ANCHORS.md, "SLURM conventions"):
-  * one launcher per node: ``--ntasks-per-node=1`` and ``srun``, which starts
-    ``accelerate launch`` (torchrun underneath) once per node; no pdsh, no ssh;
+  * one launcher per node: ``--ntasks-per-node=1`` and ``srun``, which starts ``accelerate launch``
+    (torchrun underneath) once per node; no pdsh, no ssh;
   * the rendezvous host is the first node of ``scontrol show hostnames "$SLURM_JOB_NODELIST"``,
     the port is derived from the job id (two jobs sharing a node do not collide);
   * the node rank is ``$SLURM_NODEID``, inside single quotes so that each node's own shell
     expands it (expanded by the batch shell, every node would believe it is rank 0);
-  * preemption: ``--signal=B:USR1@90`` sends USR1 to the batch shell 90 s before the time limit;
-    its trap passes the signal to the job step (srun forwards it to every process of the step).
-    The launcher processes ignore USR1 (``trap "" USR1`` is inherited through exec), the training
-    processes catch it, agree at the next optimizer step, save a checkpoint, rank 0 runs
-    ``scontrol requeue $SLURM_JOB_ID`` and all exit 0. SIGTERM (scancel, preemption) stops and
-    saves the same way but does not requeue (see requeue_job). ``--requeue`` makes the job requeueable,
-    ``--open-mode=append`` keeps the earlier attempts' logs, and ``--resume`` is always passed:
-    a requeued job continues from the newest complete checkpoint (a first start finds none and
-    starts fresh);
+  * GPUs: ``--gpus-per-node=N`` and one process per GPU; a CPU partition has no GPU line, and
+    ``--cpus-per-task`` gives each training process a core;
+  * preemption: ``--signal=B:USR1@LEAD`` sends USR1 to the batch shell LEAD seconds before the time
+    limit; its trap passes the signal to the job step. The training processes stop at the next
+    optimizer step, save a checkpoint, write ``STOPPED`` into the run directory and exit 0. Only
+    then, with the step gone, the batch shell runs ``scontrol requeue`` on its own job (an array
+    task requeues only itself: ``${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}``) and exits 0.
+    ``--requeue`` makes the job requeueable, ``--open-mode=append`` keeps the earlier attempts'
+    logs, and ``--resume`` is always passed: a requeued job continues from the newest complete
+    checkpoint. SIGTERM (scancel) saves the same way but does not requeue;
   * ``srun --kill-on-bad-exit=1``: a node whose training fails ends the whole step at once.
 
-One node renders the same without the rendezvous lines; a world of one process without DeepSpeed
-renders ``srun python -m distributed_tune`` (the fallback). Imports no torch.
+Imports no torch.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import math
 import re
 import shlex
-import shutil
-import signal
-import subprocess
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from distributed_tune import checkpoint
 from distributed_tune.errors import ConfigError
+from distributed_tune.launcher import Topology
 
 SCRIPT = "job.sbatch"
 # SLURM's --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
@@ -52,25 +40,71 @@ SCRIPT = "job.sbatch"
 TIME_FORMAT = re.compile(r"^(\d+-\d+(:\d\d){0,2}|\d+(:\d\d){0,2})$")
 # The rendezvous port is 15000 + job id mod 15000: below Linux's ephemeral range (32768+).
 PORT_BASE = 15000
+# SLURM checks time limits (and sends --signal) on a ~30 s timer: the warning comes between LEAD and
+# LEAD + 30 s before the limit (measured on slurm 22.05).
+SIGNAL_JITTER_S = 30
+# Seconds a run needs at least between the warning and the limit: reach the next stop check and save.
+MIN_LEAD_S = 30
 
 
 @dataclass(frozen=True)
 class Job:
-    """What the `#SBATCH` header asks for."""
+    """A SLURM job: where its processes run (`topology`) and what the `#SBATCH` header asks for."""
 
-    nodes: int = 1
-    gpus_per_node: int = 1
+    topology: Topology = field(default_factory=Topology)
     time: str | None = None  # SLURM time limit; None: the partition's default
     partition: str | None = None
     account: str | None = None
     job_name: str = "distributed_tune"
     cpus_per_task: int | None = None  # CPUs for the one task of each node (all its processes)
     signal_lead_s: int = 90  # USR1 this long before the time limit: time to finish a step and save
-    extra: tuple[str, ...] = field(default_factory=tuple)  # more `#SBATCH --<x>` lines, e.g. qos=high
+    extra: tuple[str, ...] = ()  # more `#SBATCH --<x>` lines, e.g. qos=high
 
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
+    def check(self) -> list[str]:
+        """Refuse values that would change the script or cannot work; return warnings."""
+        if self.time is not None and not TIME_FORMAT.match(self.time):
+            raise ConfigError(f"--time={self.time!r} is not a SLURM time limit; use minutes, HH:MM:SS or "
+                              "D-HH:MM:SS (e.g. 02:00:00)")
+        for option in ("partition", "account", "job_name"):
+            value = getattr(self, option)
+            if value is not None and (not value or re.search(r"\s", value)):
+                raise ConfigError(f"--{option.replace('_', '-')}={value!r} must be one word without spaces")
+        for value in self.extra:
+            if not value or "\n" in value or value.startswith("-"):
+                raise ConfigError(f"--sbatch-option {value!r}: give one sbatch option without its dashes, "
+                                  "e.g. qos=high")
+        if self.signal_lead_s < MIN_LEAD_S:
+            raise ConfigError(f"--signal-lead={self.signal_lead_s} s leaves too little time to reach a stop check "
+                              f"and save a checkpoint; use at least {MIN_LEAD_S}")
+        warnings = []
+        if self.time is not None:
+            limit = time_limit_s(self.time)
+            earliest = limit - self.signal_lead_s - SIGNAL_JITTER_S
+            if earliest <= 0:
+                raise ConfigError(
+                    f"--time={self.time} (SLURM rounds it up to {limit // 60} min) with --signal-lead="
+                    f"{self.signal_lead_s} s: the warning signal can come {SIGNAL_JITTER_S} s early, i.e. at the "
+                    f"start; raise --time above {math.ceil((self.signal_lead_s + SIGNAL_JITTER_S) / 60)} min "
+                    "or lower --signal-lead")
+            if earliest < 300:
+                warnings.append(f"--time={self.time}: the job may be warned (USR1) {earliest} s after it starts, "
+                                "before its first checkpoint; it then requeues from the start each time")
+        return warnings
+
+
+def time_limit_s(value: str) -> int:
+    """A --time value in seconds, rounded up to whole minutes as SLURM does."""
+    days = 0
+    if "-" in value:
+        d, value = value.split("-", 1)
+        days = int(d)
+        parts = [int(p) for p in value.split(":")]
+        h, m, s = (parts + [0, 0])[:3]
+    else:
+        parts = [int(p) for p in value.split(":")]
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]  # type: ignore[assignment]
+    seconds = ((days * 24 + h) * 60 + m) * 60 + s
+    return math.ceil(seconds / 60) * 60
 
 
 def _q(value: str | Path) -> str:
@@ -81,39 +115,81 @@ def sbatch_directives(job: Job, workdir: Path, output: str, error: str | None = 
                       array: str | None = None) -> list[str]:
     """The #SBATCH lines of a job (a run's script, or a sweep's array): resources, logs, and the
     USR1 warning before the time limit plus --requeue that preemption handling relies on."""
+    topo = job.topology
     lines = [f"--job-name={job.job_name}"] + ([f"--array={array}"] if array else [])
     lines += [f"--{key}={value}" for key, value in
               (("partition", job.partition), ("account", job.account), ("time", job.time)) if value]
-    lines += [f"--nodes={job.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={job.gpus_per_node}"]
-    if job.cpus_per_task:
-        lines.append(f"--cpus-per-task={job.cpus_per_task}")
+    lines += [f"--nodes={topo.nodes}", "--ntasks-per-node=1"]
+    if topo.gpus_per_node:
+        lines.append(f"--gpus-per-node={topo.gpus_per_node}")
+    cpus = job.cpus_per_task or (None if topo.gpus_per_node else topo.processes_per_node)
+    if cpus:
+        lines.append(f"--cpus-per-task={cpus}")
     lines += [f"--chdir={workdir.resolve()}", f"--output={output}"] + ([f"--error={error}"] if error else [])
-    lines += ["--open-mode=append", f"--signal=B:USR1@{job.signal_lead_s}", "--requeue", *(f"--{x}" for x in job.extra)]
+    lines += ["--open-mode=append", f"--signal=B:USR1@{job.signal_lead_s}", "--requeue",
+              *(f"--{x}" for x in job.extra)]
     return [f"#SBATCH {line}" for line in lines]
+
+
+# The end of every batch script: run the step in the background (bash runs a trap only between
+# commands), forward the signals, and requeue only after the step has exited.
+STEP_AND_REQUEUE = """
+# An array task requeues only itself: for the array's last task SLURM_JOB_ID equals
+# SLURM_ARRAY_JOB_ID, and requeueing that id would rerun every task of the array.
+DT_JOB=${{SLURM_ARRAY_JOB_ID:+${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}}}
+DT_JOB=${{DT_JOB:-$SLURM_JOB_ID}}
+rm -f "$DT_RUN_DIR/STOPPED"  # a marker of an earlier attempt must not requeue this one
+
+# SLURM signals this shell (B:USR1); bash runs a trap only between commands, hence the step in the
+# background and wait. srun forwards the signal to every process of the job step.
+warned=0
+step=""
+trap 'warned=1; [ -n "$step" ] && kill -USR1 "$step" 2>/dev/null; true' USR1
+# SIGTERM (scancel, the time limit) reaches every process of the job from slurmd itself; passed on
+# to srun it would become a SIGKILL of the training. Keep waiting for the step to save and exit.
+trap 'echo "[{name}] SIGTERM: waiting for the step to save and exit"' TERM
+{step} &
+step=$!
+[ "$warned" -eq 1 ] && kill -USR1 "$step" 2>/dev/null  # warned before the step existed
+status=0
+wait "$step" || status=$?
+while kill -0 "$step" 2>/dev/null; do  # wait returned early for a signal: the step still runs
+  status=0; wait "$step" || status=$?
+done
+echo "[{name}] job step exited with status $status"
+# Requeue only now that the step is gone (a requeue while it runs would SIGTERM it), and only if the
+# run stopped for the warning with a checkpoint (STOPPED), not if it finished in the meantime.
+if [ "$status" -eq 0 ] && [ "$warned" -eq 1 ] && [ -f "$DT_RUN_DIR/STOPPED" ]; then
+  echo "[{name}] requeueing job $DT_JOB: it resumes from the checkpoint"
+  trap '' TERM  # the requeue ends this shell's job; leave with status 0 all the same
+  scontrol requeue "$DT_JOB" || echo "[{name}] scontrol requeue failed: submit again to resume"
+fi
+exit "$status"
+"""
 
 
 def render_script(job: Job, paths: dict[str, Path], run_dir: Path, workdir: Path, python: str,
                   command_line: str) -> str:
     """The batch script text. `paths` are launcher.render's files; every path is made absolute."""
+    topo = job.topology
     run_dir = run_dir.resolve()
     header = [
         "#!/bin/bash",
         f"# {command_line}",
         f"# Rendered by distributed_tune; submit it again with: sbatch {run_dir / SCRIPT}",
-        f"# {job.nodes} node(s) x {job.gpus_per_node} GPU(s) = {job.world_size} training process(es); "
-        "a requeued job resumes from the newest complete checkpoint.",
+        f"# {topo.describe()}; a requeued job resumes from the newest complete checkpoint.",
         *sbatch_directives(job, workdir, output=f"{run_dir}/slurm-%j.out", error=f"{run_dir}/slurm-%j.err"),
     ]
-
     hello = 'echo "[job.sbatch] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST'
     body = [
         "",
         "set -eu",
         f"export DT_PYTHON={_q(python)}",
         f"export DT_TRAIN_CONFIG={_q(paths['config'].resolve())}",
+        f"export DT_RUN_DIR={_q(run_dir)}",
     ]
     train = '-m distributed_tune --config "$DT_TRAIN_CONFIG" --resume'
-    if job.world_size == 1 and "deepspeed" not in paths:
+    if topo.world_size == 1 and "deepspeed" not in paths:
         # One process: no launcher in between; srun passes USR1 straight to the training process.
         body.append(hello + '"')
         step = f'srun --kill-on-bad-exit=1 "$DT_PYTHON" {train}'
@@ -125,10 +201,10 @@ def render_script(job: Job, paths: dict[str, Path], run_dir: Path, workdir: Path
         launch = [
             "trap \"\" USR1",
             'exec "$DT_PYTHON" -m accelerate.commands.launch --config_file "$DT_ACCELERATE_CONFIG" \\',
-            f"  --num_machines {job.nodes} --num_processes {job.world_size} "
+            f"  --num_machines {topo.nodes} --num_processes {topo.world_size} "
             '--main_process_port "$DT_MAIN_PORT" \\',
         ]
-        if job.nodes > 1:
+        if topo.nodes > 1:
             body += [
                 'DT_MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                 "export DT_MAIN_IP",
@@ -141,139 +217,44 @@ def render_script(job: Job, paths: dict[str, Path], run_dir: Path, workdir: Path
         why = [
             "# One launcher per node. The single quotes matter: $SLURM_NODEID and the other variables are",
             "# expanded by each node's own shell (expanded here, every node would be rank 0).",
-        ] if job.nodes > 1 else ["# One launcher (accelerate launch -> torchrun) on the node."]
+        ] if topo.nodes > 1 else ["# One launcher (accelerate launch -> torchrun) on the node."]
         why += [
             "# trap \"\" USR1: the launcher processes ignore the warning signal (inherited through exec);",
             "# the training processes catch it and stop cleanly.",
         ]
         step = "\n".join([*why, "srun --kill-on-bad-exit=1 bash -c '" + "\n".join(launch) + "'"])
-    body += [
-        "",
-        "# SLURM signals this shell (B:USR1); bash runs a trap only between commands, hence srun in the",
-        "# background and wait. srun forwards the signal to every process of the job step.",
-        'step=""',
-        "trap 'kill -USR1 \"$step\" 2>/dev/null || true' USR1",
-        "trap 'kill -TERM \"$step\" 2>/dev/null || true' TERM",
-        f"{step} &",
-        "step=$!",
-        "status=0",
-        'wait "$step" || status=$?',
-        'while kill -0 "$step" 2>/dev/null; do  # wait returned early for a signal: the step still runs',
-        '  status=0; wait "$step" || status=$?',
-        "done",
-        'echo "[job.sbatch] job step exited with status $status"',
-        'exit "$status"',
-    ]
-    return "\n".join(header + body) + "\n"
+    return "\n".join(header + body) + STEP_AND_REQUEUE.format(step=step, name="job.sbatch")
 
 
-def check_header(args: argparse.Namespace) -> None:
-    """Values that become `#SBATCH` lines: a space or a line break would change the script."""
-    if args.time is not None and not TIME_FORMAT.match(args.time):
-        raise ConfigError(
-            f"--time={args.time!r} is not a SLURM time limit; use minutes, HH:MM:SS or D-HH:MM:SS (e.g. 02:00:00)"
-        )
-    for option in ("partition", "account", "job_name"):
-        value = getattr(args, option)
-        if value is not None and (not value or re.search(r"\s", value)):
-            raise ConfigError(f"--{option.replace('_', '-')}={value!r} must be one word without spaces")
-    for value in args.sbatch_option:
-        if not value or "\n" in value or value.startswith("-"):
-            raise ConfigError(f"--sbatch-option {value!r}: give one sbatch option without its dashes, e.g. qos=high")
+def array_spec(indices: list[int]) -> str:
+    """SLURM's --array value: '0-4' for a contiguous list, else '1,3'."""
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}-{indices[-1]}" if len(indices) > 1 else str(indices[0])
+    return ",".join(map(str, indices))
 
 
-def requeue_job(signum: int | None, log: Callable[[str], None]) -> bool:
-    """Rank 0, after the stop-signal checkpoint: put this SLURM job back in the queue.
+def render_array(job: Job, sweep_dir: Path, run_dirs: list[Path], indices: list[int], command_line: str,
+                 workdir: Path) -> str:
+    """A job array: task i execs run_dirs[i]/job.sbatch, the run's own batch script.
 
-    Only for USR1 (the `--signal` warning before the time limit; None: another rank got the
-    signal). SIGTERM is also what `scancel` sends: requeueing then would bring a cancelled job
-    back, and a preempted job is requeued by SLURM itself (PreemptMode=REQUEUE). Outside a SLURM
-    job (no SLURM_JOB_ID) there is nothing to requeue. A failure is reported, not raised: the
-    checkpoint is complete, and `sbatch job.sbatch` resumes from it.
+    `exec` keeps the batch shell's PID, so SLURM's `--signal=B:USR1` reaches that script's trap
+    (checkpoint, then requeue of this array task only) exactly as for a single `submit`ted run.
     """
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        return False
-    if signum == signal.SIGTERM:
-        log(f"SLURM job {job_id} got SIGTERM (scancel or preemption): not requeued; "
-            "`sbatch job.sbatch` resumes it from the checkpoint")
-        return False
-    try:
-        proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log(f"could not requeue SLURM job {job_id} ({e}); submit job.sbatch again to resume")
-        return False
-    if proc.returncode != 0:
-        log(f"scontrol requeue {job_id} failed ({proc.stderr.strip() or proc.returncode}); "
-            "submit job.sbatch again to resume")
-        return False
-    log(f"requeued SLURM job {job_id}: it resumes from the checkpoint when it starts again")
-    return True
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m distributed_tune submit",
-        description="Render <output_dir>/job.sbatch (+ accelerate/DeepSpeed files) and submit it with sbatch.",
-        epilog="Overrides: any config key as key=value. The script always passes --resume, so a requeued "
-        "(or resubmitted) job continues from the newest complete checkpoint.",
-    )
-    ap.add_argument("--config", help="training YAML")
-    ap.add_argument("--nodes", type=int, default=1, help="machines; one launcher (srun task) per machine")
-    ap.add_argument("--gpus-per-node", type=int, default=1, help="GPUs = training processes per machine")
-    ap.add_argument("--time", help="time limit (HH:MM:SS, D-HH:MM:SS, minutes); default: the partition's")
-    ap.add_argument("--partition", help="SLURM partition")
-    ap.add_argument("--account", help="SLURM account to charge")
-    ap.add_argument("--job-name", help="default: dt-<run directory name>")
-    ap.add_argument("--cpus-per-task", type=int, help="CPUs per node for the launcher and all its processes")
-    ap.add_argument("--signal-lead", type=int, default=90, metavar="SECONDS",
-                    help="USR1 this long before the time limit: time to reach the next stop check and save (default 90)")
-    ap.add_argument("--sbatch-option", action="append", default=[], metavar="KEY[=VALUE]",
-                    help="extra #SBATCH line, repeatable: --sbatch-option qos=high --sbatch-option exclusive")
-    ap.add_argument("--dry-run", action="store_true", help="write the files, do not call sbatch")
-    ap.add_argument("--resume", action="store_true", help="submit into a run directory that holds a run")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="delete the previous results in output_dir now (not with --dry-run), then submit")
-    ap.add_argument("overrides", nargs="*", metavar="key=value")
-    return ap
-
-
-def cmd_submit(argv: list[str]) -> int:
-    from distributed_tune.cli import load_from_args
-    from distributed_tune.launcher import Topology, check_resumable, render
-
-    args = _parser().parse_intermixed_args(argv)
-    for name in ("nodes", "gpus_per_node", "signal_lead"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
-    check_header(args)
-    cfg = load_from_args(args)
-    run_dir = checkpoint.refuse_used_run_dir(cfg)
-    topo = Topology(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
-    check_resumable(cfg, topo.world_size)
-    job = Job(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time, partition=args.partition,
-        account=args.account, job_name=args.job_name or f"dt-{run_dir.resolve().name}",
-        cpus_per_task=args.cpus_per_task, signal_lead_s=args.signal_lead, extra=tuple(args.sbatch_option),
-    )
-    # The job always starts with --resume; the config it reads must not also say overwrite.
-    paths = render(replace(cfg, resume=False, overwrite=False), topo, run_dir)
-    command_line = shlex.join(["python", "-m", "distributed_tune", "submit", *argv])
-    text = render_script(job, paths, run_dir, Path.cwd(), sys.executable, command_line)
-    script = run_dir / SCRIPT
-    tmp = script.with_suffix(".sbatch.tmp")
-    tmp.write_text(text)
-    tmp.replace(script)
-    for path in [*paths.values(), script]:
-        print(f"wrote {path}")
-    if args.dry_run:
-        print(f"dry run: submit with `sbatch {script}`")
-        return 0
-    if shutil.which("sbatch") is None:
-        raise ConfigError(f"sbatch not found on PATH: run this on a SLURM login node, or use --dry-run "
-                          f"and submit {script} from one")
-    if cfg.overwrite:
-        checkpoint.clear_results(run_dir)
-        print(f"--overwrite: removed the previous results in {run_dir}")
-    print(f"sbatch {script}", flush=True)
-    return subprocess.call(["sbatch", str(script)])
+    sweep_dir = sweep_dir.resolve()
+    header = [
+        "#!/bin/bash",
+        f"# {command_line}",
+        "# A sweep as a SLURM job array: task i trains RUNS[i] with its own job.sbatch.",
+        "# To resubmit, run the sweep command again: it leaves finished runs out of the array.",
+        *sbatch_directives(job, workdir, output=f"{sweep_dir}/slurm-%A_%a.out", array=array_spec(indices)),
+    ]
+    body = [
+        "",
+        "set -eu",
+        "RUNS=(" + " ".join(_q(p.resolve()) for p in run_dirs) + ")",
+        'RUN=${RUNS[$SLURM_ARRAY_TASK_ID]}',
+        'echo "[sweep.sbatch] array task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}: $RUN"',
+        'exec bash "$RUN/job.sbatch"',
+        "",
+    ]
+    return "\n".join(header + body)

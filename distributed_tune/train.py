@@ -7,7 +7,11 @@
 setup -> (resume) -> for each optimizer step: accumulate -> backward -> clip -> step -> schedule
 -> log / evaluate / checkpoint at step boundaries -> final evaluation -> save_pretrained.
 Predictions are gathered with their example indices on every rank, and rank 0 checks that each
-dev example was predicted exactly once before it computes MCC.
+evaluation example was predicted exactly once before it computes the task's metrics.
+
+The loop knows no scheduler: a stop signal (signals.py) ends it at a step boundary with a
+checkpoint and a `STOPPED` marker in the run directory; a SLURM batch script requeues the job
+after the training step has exited (slurm.py).
 """
 
 from __future__ import annotations
@@ -26,37 +30,42 @@ from typing import Any
 import numpy as np
 import torch
 
-from distributed_tune import checkpoint
+from distributed_tune import checkpoint, signals, trackers
 from distributed_tune.config import Config, Derived, derive, dump_resolved
+from distributed_tune.console import Console, duration
 from distributed_tune.data import (
-    DEV,
-    IN_DOMAIN,
-    OUT_OF_DOMAIN,
-    CoLA,
+    HELDOUT,
+    Tokenized,
     collate,
     global_batches,
-    load_cola,
     rank_micro_batches,
+    split_heldout,
     tokenize,
+    unknown_fraction,
 )
 from distributed_tune.distributed import build_accelerator
-from distributed_tune.errors import TrainingError
-from distributed_tune.evaluation import EVAL_BATCH, example_row, metrics_by_split, predict_distributed, write_jsonl
-from distributed_tune.metrics import MetricsLog
+from distributed_tune.errors import DataError, RunDirError, TrainingError
+from distributed_tune.evaluation import EVAL_BATCH, example_rows, predict_distributed, predictions
+from distributed_tune.files import RunLock, atomic_write_json, atomic_write_jsonl
+from distributed_tune.metrics import MetricsLog, read_metrics, score, score_splits
 from distributed_tune.model import (
     build_optimizer,
     build_scheduler,
     load_model,
     load_tokenizer,
     peak_flops,
+    quiet_transformers,
     training_flops_per_token,
 )
-from distributed_tune.slurm import requeue_job
+from distributed_tune.tasks import Example, TaskData
 
 # Optimizer steps between checks for stop signals and non-finite losses (each is a host-device
 # sync and a collective); checks also run before every checkpoint and evaluation.
 CONSENSUS_EVERY = 10
 NO_BAD_STEP = 2**62
+STOPPED = "STOPPED"  # marker: the run stopped for a signal with a checkpoint; a batch script requeues
+# Share of unknown tokens above which a tokenizer is refused (it cannot read the data).
+MAX_UNKNOWN = 0.5
 
 
 def micro_batch_seed(seed: int, epoch: int, step: int, micro: int) -> int:
@@ -109,96 +118,149 @@ class Progress:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps done in `epoch`
     optimizer_step: int = 0  # optimizer steps done in total
-    best_mcc: float = -2.0  # below any MCC, so the first evaluation is the best so far
+    best_value: float = float("-inf")  # the selection metric's best value so far
     best_step: int = -1
     evals_without_improvement: int = 0
+    counting: bool = False  # early stopping counts once an evaluation predicted more than one class
     skipped_steps: int = 0  # fp16 overflows: optimizer steps that updated nothing
 
-    def record_evaluation(self, mcc: float, patience: int) -> tuple[bool, bool]:
-        """Best-model bookkeeping for one dev MCC: (a new best?, stop early now?). Only a strictly
-        better MCC counts; `patience` 0 never stops."""
-        if mcc > self.best_mcc:
-            self.best_mcc, self.best_step, self.evals_without_improvement = mcc, self.optimizer_step, 0
+    def record_evaluation(self, value: float, collapsed: bool, patience: int) -> tuple[bool, bool]:
+        """Best-model bookkeeping for one evaluation: (a new best?, stop early now?). Only a strictly
+        better value counts; `patience` 0 never stops. Patience runs only once the model has left
+        its one-class start: CoLA runs often predict one class for hundreds of steps, then learn."""
+        self.counting = self.counting or not collapsed
+        if value > self.best_value:
+            self.best_value, self.best_step, self.evals_without_improvement = value, self.optimizer_step, 0
             return True, False
-        self.evals_without_improvement += 1
+        if self.counting:
+            self.evals_without_improvement += 1
         return False, bool(patience) and self.evals_without_improvement >= patience
 
 
-class StopSignal:
-    """SIGUSR1/SIGTERM (SLURM's warning before preemption or the time limit) set a flag; the loop
-    turns it into a collective decision at the next optimizer-step boundary."""
+@dataclass(frozen=True)
+class EvalSet:
+    """What one evaluation predicts: the task's dev splits, and the held-out slice of train."""
 
-    def __init__(self) -> None:
-        self.received: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.received = signum
+    examples: list[Example]
+    data: Tokenized
 
 
 class Recipe:
-    """One fine-tuning job. `Recipe(cfg).run()` is all the CLI does."""
+    """One fine-tuning job: `Recipe(cfg).run()`; `cfg` is resolved (config file, overrides and
+    accelerate's settings)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.task = cfg.task_spec
+        self.lock: RunLock | None = None
+        self.out = Console(False, 0)
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self) -> None:
+    def setup(self) -> bool:
+        """Build everything; False when there is nothing to do (resuming a finished run)."""
         cfg = self.cfg
-        self.accelerator = acc = build_accelerator(cfg)
+        self.run_dir = checkpoint.refuse_used_run_dir(cfg)  # before anything loads or is written
+        self.accelerator = acc = build_accelerator(cfg, project_dir=str(self.run_dir / "trackers"))
         self.is_main = acc.is_main_process
-        self.run_dir = checkpoint.refuse_used_run_dir(cfg)
+        self.out = Console(self.is_main, 0)  # plain lines until the bar knows its length
+        if cfg.resume and checkpoint.run_finished(self.run_dir):
+            self.out.say(f"output_dir={self.run_dir} holds a finished run: nothing to resume "
+                         "(--overwrite trains it again)")
+            return False
+
         cache = Path(cfg.data.cache_dir).expanduser()
         # Download, read and tokenize on the local main process first; the others hit its cache.
         with acc.local_main_process_first():
-            self.cola: CoLA = load_cola(cfg.data)
+            self.data: TaskData = self.task.read(cfg.data)
             self.tokenizer = load_tokenizer(cfg.model)
-            self.train_data = tokenize(self.cola.train, self.tokenizer, cfg.data.max_length, cache)
-            self.dev_data = tokenize(self.cola.dev, self.tokenizer, cfg.data.max_length, cache)
+            train, heldout = split_heldout(self.data.train, cfg.data.heldout_fraction, self.task.regression)
+            self.train_examples = train
+            self.train_data = self.tokenize(train, cache)
+            self.check_tokenizer()
+            self.dev = EvalSet(self.data.eval, self.tokenize(self.data.eval, cache))
+            self.heldout = EvalSet(heldout, self.tokenize(heldout, cache)) if heldout else None
         self.derived: Derived = derive(cfg, acc.num_processes, len(self.train_data))
+        self.selection_split = HELDOUT if self.heldout else self.task.selection_split
 
-        torch.manual_seed(cfg.seed)  # the new classifier head is initialised from this
-        model = load_model(cfg.model, self.tokenizer.pad_token_id)
+        torch.manual_seed(cfg.seed)  # the new classification head is initialised from this
+        model, notes = load_model(cfg.model, self.data.label_names, self.task.regression,
+                                  self.tokenizer.pad_token_id, cfg.data.max_length, self.tokenizer)
         self.flops_per_token = training_flops_per_token(model)
         self.peak_flops = peak_flops(cfg.precision)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(model, cfg.train))
+        # The forward pass of training; the same parameters, compiled when train.compile is on.
+        self.train_forward = torch.compile(self.model) if cfg.train.compile else self.model
         # After prepare: ZeRO-3 regroups the optimizer's parameters, and the schedule must drive
         # the groups the engine really steps.
         self.scheduler = build_scheduler(self.optimizer, self.derived.warmup_steps, self.derived.total_steps)
         self.progress = Progress()
 
+        # Bad input has been refused by now, and nothing written: from here on this run writes, alone.
+        self.take_lock()
         if self.is_main:
             if cfg.overwrite:
                 checkpoint.clear_results(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / STOPPED).unlink(missing_ok=True)  # a new attempt
         acc.wait_for_everyone()
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main)
         if cfg.resume:
             self.resume()
         if self.is_main:
             dump_resolved(cfg, self.derived, self.run_dir / "config.yaml")
-            (self.run_dir / "data_fingerprint.json").write_text(
-                json.dumps({"counts": self.cola.counts(), "sha256": self.cola.fingerprint}, indent=1)
-            )
-            self.print(f"data {self.cola.counts()}; {self.derived.describe()}")
+            atomic_write_json(self.run_dir / "data_fingerprint.json",
+                              {"task": self.task.name, "counts": self.data.counts(), "train_used": len(train),
+                               "heldout": len(heldout), "sha256": self.data.fingerprint})
+        trackers.start(acc, cfg, self.derived)
+        self.out = Console(self.is_main, self.derived.total_steps, self.progress.optimizer_step)
+        for note in notes:
+            self.out.say(note)
+        counts = ", ".join(f"{k} {v}" for k, v in self.data.counts().items())
+        held = f", heldout {len(heldout)} (selection)" if heldout else ""
+        self.out.say(f"{self.task.name}: {counts}{held}; {self.derived.describe()}")
+        return True
 
-    def print(self, msg: str) -> None:
+    def take_lock(self) -> None:
+        """Rank 0 holds the run directory's lock; every rank learns whether it got it."""
+        from accelerate.utils import broadcast_object_list
+
+        problem = [None]
         if self.is_main:
-            from rich.console import Console
+            try:
+                self.lock = RunLock(self.run_dir).acquire()
+            except RunDirError as e:
+                problem = [str(e)]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(problem, from_process=0)
+        if problem[0]:
+            raise RunDirError(problem[0])
 
-            Console(stderr=True, highlight=False, markup=False).print(f"[distributed_tune] {msg}")
+    def tokenize(self, examples: list[Example], cache: Path) -> Tokenized:
+        return tokenize(examples, self.tokenizer, self.cfg.data.max_length, cache, self.task.regression,
+                        say=self.out.say)
+
+    def check_tokenizer(self) -> None:
+        """A folder without its tokenizer files gets a stub tokenizer that maps every word to the
+        unknown token: training would "succeed" on nothing. Refuse it."""
+        unknown = unknown_fraction(self.train_data, self.tokenizer)
+        if unknown > MAX_UNKNOWN:
+            raise DataError(
+                f"model.name={self.cfg.model.name}: its tokenizer maps {unknown:.0%} of the training tokens to "
+                f"{self.tokenizer.unk_token}; the tokenizer files (tokenizer.json / vocab.txt) are missing or "
+                "belong to another model; copy the model's own tokenizer files into the folder"
+            )
 
     # ------------------------------------------------------------------ checkpoints
 
     def trainer_state(self) -> dict[str, Any]:
-        """Progress plus what a resume must match (world size, ZeRO stage, global batch)."""
+        """Progress plus what a resume must match (the recipe, world size, ZeRO stage)."""
         return {
             **dataclasses.asdict(self.progress),
             "world_size": self.derived.world_size,
             "zero_stage": self.cfg.distributed.zero_stage,
             "global_batch_size": self.derived.global_batch_size,
+            "trajectory": checkpoint.trajectory(self.cfg, self.data.fingerprint),
             "scheduler": self.scheduler.state_dict(),
         }
 
@@ -209,52 +271,69 @@ class Recipe:
         )
 
     def resume(self) -> None:
-        ckpt = checkpoint.latest_good(self.run_dir, warn=self.print)
+        ckpt = checkpoint.latest_good(self.run_dir, warn=self.out.say)
         if ckpt is None:
-            self.print(f"resume: no complete checkpoint in {self.run_dir}; starting fresh")
+            if self.is_main and (self.run_dir / "metrics.jsonl").is_file():
+                self.log.truncate_after(0)  # a fresh start gets a clean log
+            self.out.say(f"resume: no complete checkpoint in {self.run_dir}; starting fresh")
             return
         state = checkpoint.read_trainer_state(ckpt)
         d = self.derived
-        checkpoint.check_resumable(ckpt, state, self.cfg.distributed.zero_stage, d.world_size,
-                                   d.global_batch_size, here=f"this run has {d.world_size}")
+        checkpoint.check_resumable(ckpt, state, self.cfg, d.world_size, here=f"this run has {d.world_size}",
+                                   fingerprint=self.data.fingerprint)
         self.accelerator.load_state(str(ckpt))
         if self.is_main:
             self.log.truncate_after(state["optimizer_step"])
         self.scheduler.load_state_dict(state["scheduler"])
         p = self.progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
-        self.print(f"resumed from {ckpt} (epoch {p.epoch}, optimizer step {p.optimizer_step})")
+        self.out.say(f"resumed from {ckpt} (epoch {p.epoch}, optimizer step {p.optimizer_step})")
 
     # ------------------------------------------------------------------ evaluation
 
+    def predict(self, eval_set: EvalSet) -> np.ndarray:
+        return predict_distributed(self.accelerator, self.model, eval_set.data, EVAL_BATCH,
+                                   self.derived.pad_to_multiple_of, self.task.regression)
+
     def evaluate(self) -> dict[str, Any]:
-        """Predict every dev sentence once (gathered, checked exactly once); rank 0 computes MCC."""
-        preds, probs = predict_distributed(self.accelerator, self.model, self.dev_data, EVAL_BATCH,
-                                           self.derived.pad_to_multiple_of)
+        """Predict every evaluation example once (gathered, checked exactly once); rank 0 scores."""
+        outputs = self.predict(self.dev)
+        held = self.predict(self.heldout) if self.heldout else None
         result: dict[str, Any] = {}
         if self.is_main:
-            result = metrics_by_split(self.dev_data.labels, preds, [e.split for e in self.cola.dev], DEV)
-            result["predictions"] = (preds, probs)
+            n = self.num_labels
+            result = score_splits(self.task, self.dev.data.labels, predictions(self.task, outputs),
+                                  [e.split for e in self.dev.examples], n)
+            if held is not None:
+                result[HELDOUT] = score(self.task, self.heldout.data.labels, predictions(self.task, held), n)
+            result["outputs"] = outputs
         return result
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.data.label_names) or 1
 
     def log_evaluation(self, result: dict[str, Any]) -> None:
         if not self.is_main:
             return
         p = self.progress
-        for split in (IN_DOMAIN, OUT_OF_DOMAIN, DEV):
-            self.log.write({"split": split, **result[split], "optimizer_step": p.optimizer_step,
-                            "epoch": self.epoch_float(), "world_size": self.derived.world_size})
-        dev = result[DEV]
-        warn = "  (collapsed: one class predicted)" if dev["collapsed"] else ""
-        self.print(
-            f"eval step {p.optimizer_step}: dev MCC {dev['mcc']:.4f} acc {dev['accuracy']:.4f} "
-            f"(in-domain {result[IN_DOMAIN]['mcc']:.4f}, out-of-domain {result[OUT_OF_DOMAIN]['mcc']:.4f}; "
-            f"n={dev['n']}){warn}"
-        )
-        self.write_predictions(*result["predictions"])
+        for split, metrics in result.items():
+            if split == "outputs":
+                continue
+            record = {"split": split, **metrics, "optimizer_step": p.optimizer_step, "epoch": self.epoch_float(),
+                      "world_size": self.derived.world_size}
+            self.log.write(record)
+            trackers.log_eval(self.accelerator, self.cfg, split, metrics, p.optimizer_step)
+        main = self.task.main_metric
+        sel = result[self.selection_split]
+        parts = [f"{s} {result[s][main]:.4f}" for s in self.task.reported_splits() if s != self.selection_split]
+        warn = "  (collapsed: one class predicted)" if sel["collapsed"] else ""
+        self.out.say(f"eval step {p.optimizer_step}: {self.selection_split} {main} {sel[main]:.4f}"
+                     + (f" ({', '.join(parts)})" if parts else "") + f"; n={sel['n']}{warn}")
+        self.write_predictions(result["outputs"])
 
-    def write_predictions(self, preds: np.ndarray, probs: np.ndarray, path: Path | None = None) -> None:
-        rows = (example_row(i, e, pred, prob) for i, (e, pred, prob) in enumerate(zip(self.cola.dev, preds, probs)))
-        write_jsonl(path or self.run_dir / "predictions.jsonl", rows)
+    def write_predictions(self, outputs: np.ndarray, path: Path | None = None) -> None:
+        rows = example_rows(self.task, self.data.label_names, self.dev.examples, outputs)
+        atomic_write_jsonl(path or self.run_dir / "predictions.jsonl", rows)
 
     # ------------------------------------------------------------------ training
 
@@ -262,48 +341,61 @@ class Recipe:
         """Collective: did any rank get a stop signal, and did any see a non-finite loss (at which
         optimizer step)? It syncs host and device, so it runs every CONSENSUS_EVERY steps and
         before anything is saved, not on every step."""
-        flags = torch.stack([torch.tensor(float(self.stop.received or 0), device=self.first_bad.device),
+        flags = torch.stack([torch.tensor(float(signals.received or 0), device=self.first_bad.device),
                              self.first_bad.double()])
         gathered = self.accelerator.gather(flags).view(-1, 2)
         first_bad = int(gathered[:, 1].min())
-        signals = [int(x) for x in gathered[:, 0].tolist() if x > 0]
-        if signals and self.stop.received is None:
-            self.stop.received = signals[0]  # rank 0 acts on (requeues for) what any rank received
-        return bool(signals), (first_bad if first_bad < NO_BAD_STEP else None)
+        received = [int(x) for x in gathered[:, 0].tolist() if x > 0]
+        if received and signals.received is None:
+            signals.received = received[0]  # every rank records what any rank received
+        return bool(received), (first_bad if first_bad < NO_BAD_STEP else None)
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or a stop signal / early stop); returns how it ended."""
-        self.stop = StopSignal()  # first: a warning signal during the (long) setup must not kill us
-        self.setup()
+        try:
+            if not self.setup():
+                return {"optimizer_step": None, "outcome": "already_finished"}
+            return self._train()
+        finally:
+            self.out.close()
+            signals.training = False
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> dict[str, Any]:
         p, d = self.progress, self.derived
-        self.bar = self._progress_bar(d.total_steps, p.optimizer_step)
         self.window = Window(self.accelerator.device)
         self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=self.accelerator.device)
         self.last_eval_step = -1
+        self.eval_seconds = 0.0
         self.model.train()
+        signals.training = True
         outcome = "done"
         while p.optimizer_step < d.total_steps and p.epoch < self.cfg.train.epochs:
             outcome = self.train_epoch()
             if outcome != "epoch_end":
                 break
-        if self.bar is not None:
-            self.bar[0].stop()
+        if outcome == "epoch_end":
+            outcome = "done"
         self._log_summary()
-        if outcome == "preempted":
-            return self._preempted()
+        if outcome == "stopped":
+            return self._stopped()
+        signals.training = False
         if self.last_eval_step != p.optimizer_step:
             self.after_evaluation(self.evaluate())
         if not self.cfg.train.select_best or not (self.run_dir / "model").exists():
             self.save_model(reason="final")
         self.accelerator.wait_for_everyone()
-        # The last line of a complete run (a sweep tells finished seeds from interrupted ones by it).
+        # The last line of a complete run (a sweep tells finished runs from interrupted ones by it).
         self.log.write({"event": "finished", "outcome": outcome, "optimizer_step": p.optimizer_step,
-                        "best_dev_mcc": p.best_mcc, "best_step": p.best_step})
+                        "selection": f"{self.selection_split}/{self.task.main_metric}",
+                        "best_value": p.best_value, "best_step": p.best_step})
+        self.final_block(outcome)
         self.accelerator.end_training()
-        return {"optimizer_step": p.optimizer_step, "preempted": False, "outcome": outcome}
+        return {"optimizer_step": p.optimizer_step, "outcome": outcome}
 
     def train_epoch(self) -> str:
-        """Run the rest of `progress.epoch`; returns 'epoch_end', 'done', 'early_stop' or 'preempted'."""
+        """Run the rest of `progress.epoch`; returns 'epoch_end', 'done', 'early_stop' or 'stopped'."""
         cfg, acc, d, p = self.cfg, self.accelerator, self.derived, self.progress
         rank, world, accum = acc.process_index, acc.num_processes, d.gradient_accumulation_steps
         batches = global_batches(self.train_data.lengths, d.global_batch_size, cfg.seed, p.epoch,
@@ -319,7 +411,7 @@ class Recipe:
             del batch["index"]
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             with acc.accumulate(self.model):
-                loss = self.model(**batch).loss
+                loss = self.train_forward(**batch).loss
                 acc.backward(loss)
                 grad_norm = None
                 if acc.sync_gradients and cfg.train.max_grad_norm > 0:
@@ -372,19 +464,21 @@ class Recipe:
                             "world_size": d.world_size})
         if p.optimizer_step % cfg.log_every == 0 or done:
             self._log_window(lr, grad_norm)
-        if self.bar is not None:
-            self.bar[0].update(self.bar[1], completed=p.optimizer_step)
+        else:
+            self.out.step(p.optimizer_step)
         if epoch_end:
             p.epoch, p.step_in_epoch = p.epoch + 1, 0
         # Evaluate, then checkpoint: the checkpoint then holds this evaluation's effect on the best
         # model and on early stopping, so a resumed run decides as the uninterrupted one. (Our
         # evaluation draws no random numbers and uses no DataLoader: it cannot perturb training.)
         with self.window.pause():
-            early_stop = bool(evaluate) and self.after_evaluation(self.evaluate())
+            t0 = time.perf_counter()
+            early_stop = bool(evaluate) and not stopping and self.after_evaluation(self.evaluate())
+            self.eval_seconds += time.perf_counter() - t0
             if save or stopping:
                 self.save_checkpoint()
             if stopping:
-                return "preempted"
+                return "stopped"
             if early_stop:
                 return "early_stop"
         if done:
@@ -416,37 +510,43 @@ class Recipe:
         self.last_eval_step = self.progress.optimizer_step
         self.log_evaluation(result)
         p, cfg = self.progress, self.cfg.train
-        # Rank 0 computed the MCC; every rank must take the same decisions.
-        mcc = self._broadcast(result[DEV]["mcc"] if self.is_main else 0.0)
-        improved, stop = p.record_evaluation(mcc, cfg.early_stopping_patience)
+        # Rank 0 scored; every rank must take the same decisions.
+        value, collapsed = self._broadcast(
+            [result[self.selection_split][self.task.main_metric], float(result[self.selection_split]["collapsed"])]
+            if self.is_main else [0.0, 0.0])
+        improved, stop = p.record_evaluation(value, bool(collapsed), cfg.early_stopping_patience)
         if improved and cfg.select_best:
-            out = self.save_model(reason="best dev MCC")
-            if self.is_main:  # the exported model's own dev predictions travel with it
-                self.write_predictions(*result["predictions"], path=out / "dev_predictions.jsonl")
+            out = self.save_model(reason=f"best {self.selection_split} {self.task.main_metric}")
+            if self.is_main:  # the exported model's own predictions travel with it
+                self.write_predictions(result["outputs"], path=out / "dev_predictions.jsonl")
         if stop:
-            self.print(f"early stop: dev MCC has not improved on {p.best_mcc:.4f} (step {p.best_step}) "
-                       f"for {p.evals_without_improvement} evaluations")
+            self.out.say(f"early stop: {self.selection_split} {self.task.main_metric} has not improved on "
+                         f"{p.best_value:.4f} (step {p.best_step}) for {p.evals_without_improvement} evaluations")
         return stop
 
     def epoch_float(self) -> float:
         """Epochs done, fractional (optimizer steps / steps per epoch), as the HF Trainer logs it."""
         return round(self.progress.optimizer_step / self.derived.steps_per_epoch, 4)
 
-    def _broadcast(self, value: float) -> float:
+    def _broadcast(self, values: list[float]) -> list[float]:
         from accelerate.utils import broadcast
 
-        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return float(broadcast(t, from_process=0).item())
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return broadcast(t, from_process=0).tolist()
 
-    def _preempted(self) -> dict[str, Any]:
-        self.print(f"stop signal {self.stop.received}: checkpoint saved at optimizer step "
-                   f"{self.progress.optimizer_step}; resume with --resume")
+    def _stopped(self) -> dict[str, Any]:
+        p = self.progress
+        sig = signals.received
+        name = signal.Signals(sig).name if sig else "?"
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            # Last, after every rank's part of the checkpoint is written: requeueing a running
-            # SLURM job ends it.
-            requeue_job(self.stop.received, self.print)
-        return {"optimizer_step": self.progress.optimizer_step, "preempted": True, "outcome": "preempted"}
+            ckpt = self.run_dir / "checkpoints" / checkpoint.checkpoint_name(p.optimizer_step)
+            atomic_write_json(self.run_dir / STOPPED, {"signal": name, "optimizer_step": p.optimizer_step,
+                                                       "checkpoint": str(ckpt)})
+            self.log.write({"event": "stopped", "signal": name, "optimizer_step": p.optimizer_step})
+        self.out.say(f"stop signal {sig} ({name}): checkpoint saved at optimizer step {p.optimizer_step}; "
+                     "resume with --resume")
+        return {"optimizer_step": p.optimizer_step, "outcome": "stopped", "signal": name}
 
     def _log_window(self, lr: float, grad_norm: Any) -> None:
         """One collective: sum the window over ranks, write one training record."""
@@ -465,14 +565,14 @@ class Recipe:
         if self.peak_flops:
             record["mfu"] = self.mfu(sums[2] / elapsed)
         self.log.write(record)
-        if self.bar is not None:
-            self.bar[0].update(self.bar[1], info=f"loss {record['loss']:.4f}  {record['samples_per_s']:.0f} samples/s  "
-                                                 f"{record['tokens_per_s']:.0f} tok/s")
+        trackers.log_train(self.accelerator, self.cfg, record)
+        self.out.step(self.progress.optimizer_step, record["loss"], lr, record["samples_per_s"])
 
     def _log_summary(self) -> None:
         """Throughput over the whole run (training time only, evaluation excluded)."""
         w, d = self.window, self.derived
         w.flush(self.accelerator)  # the last, partial window (early stop, preemption)
+        self.out.close()
         if not w.train_seconds or not w.totals[1]:
             return
         loss_sum, micro, real, padded = w.totals
@@ -480,11 +580,35 @@ class Recipe:
         self.log.write({"event": "train_summary", "optimizer_step": self.progress.optimizer_step,
                         "optimizer_steps": int(micro / (d.world_size * d.gradient_accumulation_steps)),
                         "samples": int(samples), "train_seconds": round(w.train_seconds, 3),
+                        "eval_seconds": round(self.eval_seconds, 3),
                         "samples_per_s": samples / w.train_seconds, "tokens_per_s": real / w.train_seconds,
                         "padding_fraction": 1.0 - real / padded, "world_size": d.world_size,
                         **self._device_stats(real / w.train_seconds)})
-        self.print(f"trained {int(samples)} samples in {w.train_seconds:.1f} s: {samples / w.train_seconds:.1f} "
-                   f"samples/s, {real / w.train_seconds:.0f} tokens/s, padding {1.0 - real / padded:.1%}")
+        self.out.say(f"trained {int(samples)} samples in {w.train_seconds:.1f} s: {samples / w.train_seconds:.1f} "
+                     f"samples/s, {real / w.train_seconds:.0f} tokens/s, padding {1.0 - real / padded:.1%}")
+
+    def final_block(self, outcome: str) -> None:
+        """What a user wants at the end: the best evaluation per split, where the model is, what next."""
+        if not self.is_main:
+            return
+        p = self.progress
+        main = self.task.main_metric
+        info_path = self.run_dir / "model" / "training_info.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        step = info.get("optimizer_step", p.optimizer_step)
+        at_step = {r["split"]: r for r in read_metrics(self.run_dir / "metrics.jsonl")
+                   if r.get("optimizer_step") == step and "split" in r}
+        splits = ", ".join(f"{s} {r[main]:.4f}" for s, r in at_step.items() if main in r)
+        lines = [
+            f"finished ({outcome.replace('_', ' ')}) after {p.optimizer_step} optimizer steps in "
+            f"{duration(self.out.elapsed())} (training {duration(self.window.train_seconds)}, "
+            f"evaluation {duration(self.eval_seconds)})",
+            f"model/ = step {step} ({info.get('selected', 'final')}): {main} {splits}",
+            f"model:    {self.run_dir / 'model'}  (save_pretrained folder; transformers.pipeline loads it)",
+            f"evaluate: python -m distributed_tune evaluate {self.run_dir}",
+        ]
+        for line in lines:
+            self.out.say(line)
 
     def _device_stats(self, tokens_per_s: float) -> dict[str, float]:
         """MFU and this rank's peak memory on CUDA; nothing on CPU."""
@@ -500,49 +624,54 @@ class Recipe:
         ones count as useful work."""
         return self.flops_per_token * tokens_per_s / (self.peak_flops * self.derived.world_size)
 
-    def _progress_bar(self, total: int, done: int) -> Any:
-        if not self.is_main:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       TextColumn("{task.fields[info]}"), transient=False, redirect_stdout=False,
-                       redirect_stderr=False)
-        task = bar.add_task("train", total=total, completed=done, info="")
-        bar.start()
-        return bar, task
-
     # ------------------------------------------------------------------ export
 
     def save_model(self, reason: str) -> Path:
-        """The weights as a `save_pretrained` folder (gathered under ZeRO-3) + tokenizer, with
-        `training_info.json` saying which step they are and why they were kept."""
+        """The weights as a `save_pretrained` folder (gathered under ZeRO-3; fp32 whatever the
+        training precision) + tokenizer, with `training_info.json` saying which step they are and
+        why they were kept. A failed write keeps the previous model/ and leaves no .tmp-model."""
         acc = self.accelerator
         state = acc.get_state_dict(self.model)  # collective under ZeRO-3; None off rank 0
         out = self.run_dir / "model"
+        failure = [None]
         if self.is_main:
             tmp = self.run_dir / ".tmp-model"
             shutil.rmtree(tmp, ignore_errors=True)
-            unwrapped = acc.unwrap_model(self.model)
-            if self.cfg.distributed.zero_stage == 3:
-                # Loading under ZeRO-3 records transformers' legacy renamings (LayerNorm gamma/beta),
-                # which save_pretrained would write back; the default mapping writes today's names.
-                unwrapped._weight_conversions = None
-            # save_pretrained pops tensors out of the dict it gets: hand it a copy.
-            unwrapped.save_pretrained(tmp, state_dict=dict(state), safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            p = self.progress
-            (tmp / "training_info.json").write_text(json.dumps({
-                "selected": reason, "optimizer_step": p.optimizer_step, "epoch": p.epoch,
-                "dev_mcc": p.best_mcc if reason != "final" else None, "run_dir": str(self.run_dir.resolve()),
-            }, indent=1))
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.replace(out)
+            try:
+                unwrapped = acc.unwrap_model(self.model)
+                if self.cfg.distributed.zero_stage == 3:
+                    # Loading under ZeRO-3 records transformers' legacy renamings (LayerNorm gamma/beta),
+                    # which save_pretrained would write back; the default mapping writes today's names.
+                    unwrapped._weight_conversions = None
+                # One rule for every backend: the export is fp32. save_pretrained pops tensors out of
+                # the dict it gets: it gets its own.
+                fp32 = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+                unwrapped.config.dtype = torch.float32
+                with quiet_transformers():
+                    unwrapped.save_pretrained(tmp, state_dict=fp32, safe_serialization=True)
+                    self.tokenizer.save_pretrained(tmp)
+                p = self.progress
+                atomic_write_json(tmp / "training_info.json", {
+                    "selected": reason, "optimizer_step": p.optimizer_step, "epoch": p.epoch,
+                    "task": self.task.name, "metric": f"{self.selection_split}/{self.task.main_metric}",
+                    "value": p.best_value if reason != "final" else None, "run_dir": str(self.run_dir.resolve()),
+                })
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.replace(out)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                failure = [f"could not export the model to {out} ({e.strerror or e}); "
+                           f"{'the previous model/ is kept; ' if out.exists() else ''}free disk space and resume "
+                           "with --resume"]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(failure, from_process=0)
+        if failure[0]:
+            raise RunDirError(failure[0])
         acc.wait_for_everyone()
         return out
 
 
 def train(cfg: Config) -> dict[str, Any]:
     return Recipe(cfg).run()
-
-

@@ -1,7 +1,10 @@
-"""Shared fixtures: the real CoLA files, a tiny BERT built from them, and real launches.
+"""Shared fixtures: CoLA-format data written by the tests, a tiny BERT built from it, real launches.
 
 Training runs go through real subprocesses (`python -m distributed_tune`, `accelerate launch`,
-`torchrun`), never through a mocked distributed layer. No test touches the network.
+`torchrun`), never through a mocked distributed layer. No test touches the network, and no test
+needs anything outside this repository: the few that check the real CoLA release read it from
+the folder named by DT_COLA_DIR (the release's `raw/*.tsv` and `cola_public_1.1.zip`) and are
+skipped, with that reason, when it is unset.
 """
 
 from __future__ import annotations
@@ -16,11 +19,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COLA_DIR = REPO.parent / "shared" / "data" / "cola"
-COLA_RAW = COLA_DIR / "raw"
-COLA_ZIP = COLA_DIR / "cola_public_1.1.zip"
+REAL_COLA_ENV = "DT_COLA_DIR"
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def real_cola_dir() -> Path | None:
+    value = os.environ.get(REAL_COLA_ENV)
+    return Path(value).expanduser() if value else None
+
+
+needs_real_cola = pytest.mark.skipif(
+    real_cola_dir() is None,
+    reason=f"set {REAL_COLA_ENV} to a folder with the real CoLA 1.1 release (raw/*.tsv, cola_public_1.1.zip)")
 
 
 def free_port() -> int:
@@ -45,11 +56,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     )
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    for key in [k for k in env if k.startswith("ACCELERATE_")]:
+        env.pop(key)
     env.update(extra)
     return env
 
 
-def run_cli(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 300,
+def run_cli(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 600,
             env: dict[str, str] | None = None, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `distributed_tune` as a user would: plain python, `accelerate launch` or `torchrun`."""
     if launcher == "python":
@@ -83,10 +96,23 @@ def evals(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cola_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CoLA-format data in the release layout (tests/cola_data.py): <dir>/raw/*.tsv."""
+    from cola_data import write_cola
+
+    return write_cola(tmp_path_factory.mktemp("cola"))
+
+
+@pytest.fixture(scope="session")
+def cola_raw(cola_dir: Path) -> Path:
+    return cola_dir / "raw"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cola_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_model import make_tiny_bert
 
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), cola_dir)
 
 
 @pytest.fixture(scope="session")
@@ -95,10 +121,10 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture()
-def base_args(tiny_model: Path, cache_dir: Path) -> list[str]:
-    """A short, fast run of the tiny model on the real CoLA files."""
+def base_args(tiny_model: Path, cache_dir: Path, cola_dir: Path) -> list[str]:
+    """A short, fast run of the tiny model on the test's CoLA files."""
     return [
-        f"model.name={tiny_model}", f"data.source={COLA_DIR}", f"data.cache_dir={cache_dir}",
+        f"model.name={tiny_model}", f"data.source={cola_dir}", f"data.cache_dir={cache_dir}",
         "train.epochs=1", "train.max_steps=8", "train.log_every=1",
         "train.global_batch_size=16", "train.micro_batch_size=8", "train.lr=1e-3",
     ]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from distributed_tune.cli import main
-from distributed_tune.config import Config, derive, dump_resolved, load_config, read_yaml
+from distributed_tune.config import derive, dump_resolved, load_config, read_yaml
 from distributed_tune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def test_defaults_yaml_and_overrides_merge(tmp_path: Path) -> None:
                       ["train.epochs=4", "model.name=/m", "train.adam_betas=[0.9, 0.98]", "train.max_steps=null"])
     assert (cfg.seed, cfg.train.lr, cfg.train.epochs, cfg.model.name) == (7, 3e-5, 4, "/m")
     assert cfg.train.adam_betas == (0.9, 0.98) and cfg.train.max_steps is None
-    assert cfg.train.micro_batch_size == Config().train.micro_batch_size  # default kept
+    assert cfg.train.micro_batch_size is None  # default kept: derived from the global batch
     # YAML reads 2e-5 (no dot) as a string: accepted as a float all the same.
     assert load_config(None, ["train.lr=2e-5"]).train.lr == 2e-5
 
@@ -40,6 +40,24 @@ def test_defaults_yaml_and_overrides_merge(tmp_path: Path) -> None:
     ("", ["train.epochs"], "override 'train.epochs' must look like key=value (e.g. train.epochs=4)"),
     ("", ["resume=maybe"], "override: resume must be bool, got 'maybe'"),
     ("", ["distributed.zero_stage=4"], "distributed.zero_stage=4 must be 0, 1, 2, 3 or null (plain DDP)"),
+    ("train:\n  learning_rate: 1\n", [], "c.yaml: unknown key 'train.learning_rate'; that is the HF Trainer's name: "
+     "here it is train.lr"),
+    ("", ["train.num_train_epochs=3"], "override: unknown key 'train.num_train_epochs'; that is the HF Trainer's "
+     "name: here it is train.epochs"),
+    ("", ["train.weight_decay=-5"], "train.weight_decay=-5.0 must be 0 (off) or positive"),
+    ("", ["train.max_grad_norm=-1"], "train.max_grad_norm=-1.0 must be 0 (off) or positive"),
+    ("", ["data.pad_to_multiple_of=-3"], "data.pad_to_multiple_of=-3 must be at least 1"),
+    ("", ["train.lr=inf"], "train.lr=inf must be a finite number"),
+    ("train:\n  lr: .nan\n", [], "train.lr=nan must be a finite number"),
+    ("", ["train.adam_betas=[0.9,1.5]"], "train.adam_betas=[0.9, 1.5] must each be in [0, 1) (e.g. [0.9, 0.999])"),
+    ("", ["train.adam_eps=-1"], "train.adam_eps=-1.0 must be positive (e.g. 1e-8)"),
+    ("", ["task=sst3"], "task='sst3' is not a task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, custom); "
+     "did you mean 'sst2'?"),
+    ("", ["task=custom"], "task=custom needs data.train_file, data.validation_file, data.text_fields (e.g. "
+     "data.train_file=train.csv data.validation_file=dev.csv data.text_fields=[sentence])"),
+    ("", ["data.train_file=x.csv"], "data.train_file is for task=custom (your own files); task=cola reads data.source"),
+    ("", ["report_to=[tensorbord]"], "report_to: 'tensorbord' is not a tracker; use none or a list of tensorboard, "
+     "wandb, mlflow"),
     ("", ["distributed.offload_params=cpu", "distributed.zero_stage=2"],
      "distributed.offload_params=cpu needs distributed.zero_stage=3 (now 2); parameter offload exists only in ZeRO-3"),
     ("", ["distributed.offload_optimizer=cpu", "distributed.zero_stage=0"],
@@ -73,9 +91,51 @@ def test_derived_numbers_and_batch_arithmetic() -> None:
     assert (d.gradient_accumulation_steps, d.steps_per_epoch, d.total_steps, d.warmup_steps) == (2, 267, 801, 81)
     assert d.pad_to_multiple_of == 8  # mixed precision pads to multiples of 8
     assert derive(load_config(None, ["train.max_steps=10"]), 1, 8551).total_steps == 10
+    assert derive(load_config(None, ["train.warmup_steps=7"]), 1, 8551).warmup_steps == 7  # replaces the ratio
     with pytest.raises(ConfigError, match=r"train.global_batch_size=32 is not a multiple of train.micro_batch_size=8 "
                                           r"x world size 3 = 24; pick a global batch that is a multiple of 24"):
         derive(cfg, world_size=3, train_examples=8551)
+
+
+@pytest.mark.parametrize("world, cap, expected", [
+    (1, 32, (32, 1)), (2, 32, (16, 1)), (4, 32, (8, 1)), (8, 32, (4, 1)), (16, 32, (2, 1)), (32, 32, (1, 1)),
+    (1, 8, (8, 4)), (2, 8, (8, 2)), (1, 12, (8, 4)), (1, 5, (4, 8)),
+])
+def test_micro_batch_is_derived_from_the_global_batch(world: int, cap: int, expected: tuple[int, int]) -> None:
+    """The global batch is the recipe: the same config runs on 1, 2, 4, ... processes; accumulation
+    only where global / world exceeds the per-device cap (the smallest accumulation that fits)."""
+    cfg = load_config(None, ["train.global_batch_size=32", f"train.max_micro_batch_size={cap}"])
+    d = derive(cfg, world_size=world, train_examples=8551)
+    assert (d.micro_batch_size, d.gradient_accumulation_steps) == expected
+    assert d.micro_batch_size * d.gradient_accumulation_steps * world == 32
+
+
+def test_a_global_batch_no_world_size_can_split_is_one_line() -> None:
+    with pytest.raises(ConfigError) as e:
+        derive(load_config(None, ["train.global_batch_size=32"]), world_size=3, train_examples=8551)
+    assert str(e.value) == ("train.global_batch_size=32 cannot be split over world size 3; pick a global batch that "
+                            "is a multiple of 3 (e.g. 33) or another number of processes")
+
+
+def test_config_command_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg_file = write(tmp_path, "train:\n  lr: 3.0e-5\n")
+    assert main(["config", "--config", str(cfg_file), "train.epochs=2", "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    data = yaml.safe_load(out)
+    assert (data["train"]["lr"], data["train"]["epochs"], data["task"]) == (3e-5, 2, "cola")
+    assert data["data"]["source"] == "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"  # the task's default
+    assert out.rstrip().splitlines()[-1] == "# world size 8: micro batch 4 x accumulation 1 = global batch 32"
+    assert main(["config", "--keys"]) == 0
+    assert "  train.lr (float, default 2e-05)" in capsys.readouterr().out
+
+
+def test_config_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"{sys.executable} -m distributed_tune config --keys | head -1", shell=True,
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.stdout.startswith("  seed (int, default 42)") and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
@@ -84,6 +144,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     dump_resolved(cfg, d, tmp_path / "config.yaml")
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert data["derived"]["world_size"] == 4 and data["derived"]["total_steps"] == 5 * 267
+    assert data["derived"]["micro_batch_size"] == 8
     assert load_config(tmp_path / "config.yaml") == cfg  # the derived section is a record, not input
 
 
@@ -92,6 +153,15 @@ def test_shipped_configs_validate(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.output_dir.startswith("runs/")
     assert path.read_text().startswith("#")  # opens with the command that runs it
+
+
+def test_non_utf8_yaml_and_a_directory_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("seed: 1\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml:2: not UTF-8 text \(byte 13\); save the file as UTF-8"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"is a directory; pass a YAML file"):
+        load_config(tmp_path)
 
 
 def test_readme_config_reference_is_current() -> None:

@@ -1,5 +1,8 @@
-"""CoLA loaders (local folder, the official zip over HTTP on 127.0.0.1, the hub offline),
-strict TSV reading, tokenization cache, collation and world-size-invariant batching."""
+"""CoLA loaders (local folder, the official zip over HTTP on 127.0.0.1, the hub offline), strict
+TSV reading, the tokenization cache, collation and world-size-invariant batching.
+
+The test data is written by tests/cola_data.py; the real release is read only by the tests marked
+`needs_real_cola` (DT_COLA_DIR)."""
 
 from __future__ import annotations
 
@@ -8,53 +11,101 @@ import hashlib
 import http.server
 import shutil
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COLA_DIR, COLA_RAW, COLA_ZIP
+from conftest import needs_real_cola, real_cola_dir
 
 from distributed_tune.config import DataConfig
 from distributed_tune.data import (
-    DEV,
-    IN_DOMAIN,
-    OUT_OF_DOMAIN,
-    TRAIN,
+    HELDOUT,
     Tokenized,
     collate,
-    download_official,
     eval_shard,
     global_batches,
-    load_cola,
     rank_micro_batches,
-    read_tsv,
+    split_heldout,
     tokenize,
+    tokenizer_fingerprint,
+    unknown_fraction,
 )
 from distributed_tune.errors import DataError
+from distributed_tune.tasks import get_task
+from distributed_tune.tasks.cola import IN_DOMAIN, OUT_OF_DOMAIN, download_official, read_tsv
+
+COLA = get_task("cola")
 
 
-def check_counts(cola) -> None:
-    assert cola.counts() == {TRAIN: 8551, DEV: 1043, IN_DOMAIN: 527, OUT_OF_DOMAIN: 516}
-    assert sum(e.label for e in cola.train) == 6023
-    assert sum(e.label for e in cola.dev if e.split == IN_DOMAIN) == 365
-    assert sum(e.label for e in cola.dev if e.split == OUT_OF_DOMAIN) == 354
+def load(source: str, cache: Path | None = None):
+    return COLA.read(DataConfig(source=source, cache_dir=str(cache or "/nonexistent-cache")))
+
+
+def check_counts(data, first: str | None = None) -> None:
+    """The release's counts (the test data has the same): 8551 / 527 / 516 rows."""
+    assert data.counts() == {"train": 8551, "eval": 1043, IN_DOMAIN: 527, OUT_OF_DOMAIN: 516}
+    assert sum(e.label for e in data.train) == 6023
+    assert sum(e.label for e in data.eval if e.split == IN_DOMAIN) == 365
+    assert sum(e.label for e in data.eval if e.split == OUT_OF_DOMAIN) == 354
     # No quote handling: the two training sentences with '"' keep them.
-    assert sum('"' in e.sentence for e in cola.train) == 2
-    assert cola.train[0].sentence == "Our friends won't buy this analysis, let alone the next one we propose."
-    assert cola.train[0].source == "gj04"
+    assert sum('"' in e.text[0] for e in data.train) == 2
+    if first is not None:
+        assert data.train[0].text == (first,)
+    assert data.label_names == ("unacceptable", "acceptable")
 
 
-def test_local_folder_raw_and_release_layout(tmp_path: Path) -> None:
-    check_counts(load_cola(DataConfig(source=str(COLA_RAW))))
-    check_counts(load_cola(DataConfig(source=str(COLA_DIR))))  # finds raw/ below
+def test_test_data_has_the_release_layout_and_quirks(cola_raw: Path) -> None:
+    ood = (cola_raw / "out_of_domain_dev.tsv").read_bytes()
+    assert not ood.endswith(b"\n") and ood.count(b"\n") == 515  # `wc -l` says 515 for 516 rows
+    rows = [line.split("\t") for line in ood.decode().splitlines()]
+    assert sum(r[2] == " " for r in rows) == 1
+    train = [line.split("\t") for line in (cola_raw / "in_domain_train.tsv").read_text().splitlines()]
+    assert {len(r) for r in train} == {4}
+    assert any(r[1] == "0" and r[2] == "" for r in train)  # unacceptable without a mark
+    assert {r[2] for r in train} == {"", "*", "??", "?*", "*?"}
+    assert any(not r[3][0].isupper() for r in train) and any(not r[3].isascii() for r in train)
+    sources = {r[0] for r in train}
+    dev_sources = {line.split("\t")[0] for line in (cola_raw / "in_domain_dev.tsv").read_text().splitlines()}
+    assert len(sources) == 17 and dev_sources <= sources and not {r[0] for r in rows} & sources
+
+
+def test_local_folder_raw_and_release_layout(cola_dir: Path, cola_raw: Path, tmp_path: Path) -> None:
+    check_counts(load(str(cola_raw)))
+    check_counts(load(str(cola_dir)))  # finds raw/ below
     release = tmp_path / "cola_public" / "raw"
     release.mkdir(parents=True)
-    for f in COLA_RAW.iterdir():
+    for f in cola_raw.iterdir():
         shutil.copy(f, release)
-    cola = load_cola(DataConfig(source=str(tmp_path)))
-    check_counts(cola)
-    assert cola.fingerprint["in_domain_train.tsv"] == (
+    data = load(str(tmp_path))
+    check_counts(data)
+    assert data.fingerprint["in_domain_train.tsv"] == hashlib.sha256(
+        (cola_raw / "in_domain_train.tsv").read_bytes()).hexdigest()
+
+
+def test_glue_layout_splits_dev_by_source(cola_raw: Path, tmp_path: Path) -> None:
+    """GLUE's CoLA/ folder: train.tsv, dev.tsv (both dev files in one), test.tsv (index, sentence)."""
+    glue = tmp_path / "glue_data" / "CoLA"
+    glue.mkdir(parents=True)
+    shutil.copy(cola_raw / "in_domain_train.tsv", glue / "train.tsv")
+    dev = (cola_raw / "in_domain_dev.tsv").read_text() + (cola_raw / "out_of_domain_dev.tsv").read_text() + "\n"
+    (glue / "dev.tsv").write_text(dev)
+    (glue / "test.tsv").write_text("index\tsentence\n0\tThe cat slept.\n1\tHim saw she.\n")
+    data = load(str(tmp_path / "glue_data"))
+    check_counts(data)
+    assert [e.text[0] for e in data.eval] == [line.split("\t")[3] for line in dev.splitlines()]
+    assert [(e.idx, e.text[0], e.label) for e in data.test["test"]] == [(0, "The cat slept.", None),
+                                                                        (1, "Him saw she.", None)]
+
+
+@needs_real_cola
+def test_real_release_counts_and_hashes() -> None:
+    raw = real_cola_dir() / "raw"
+    data = load(str(raw))
+    check_counts(data, first="Our friends won't buy this analysis, let alone the next one we propose.")
+    assert data.train[0].source == "gj04"
+    assert data.fingerprint["in_domain_train.tsv"] == (
         "f320a10f92d3bce6b29152fde322a362eac39238e50d8de0c8815457fdf4fc12")
 
 
@@ -72,28 +123,58 @@ def http_dir(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     server.shutdown()
 
 
-def test_official_zip_downloaded_once_checked_and_unpacked(tmp_path: Path, http_dir: tuple[str, Path]) -> None:
+def release_zip(cola_raw: Path, path: Path) -> str:
+    """A zip in the official archive's layout (cola_public/raw/*.tsv); its sha256."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("cola_public/README", "test archive\n")
+        for f in sorted(cola_raw.iterdir()):
+            z.write(f, f"cola_public/raw/{f.name}")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_archive_downloaded_once_checked_and_unpacked(cola_raw: Path, tmp_path: Path,
+                                                      http_dir: tuple[str, Path]) -> None:
     url, root = http_dir
-    shutil.copy(COLA_ZIP, root / "cola_public_1.1.zip")
+    sha = release_zip(cola_raw, root / "cola_public_1.1.zip")
     cache = tmp_path / "cache"
-    cola = load_cola(DataConfig(source=f"{url}/cola_public_1.1.zip", cache_dir=str(cache)))
-    check_counts(cola)
-    assert hashlib.sha256((cache / "cola_public_1.1.zip").read_bytes()).hexdigest() == (
-        "2cf856f46df11c143d38e0cf2f9f34ff2fdb088c521cd859f5c4b9581683278b")
-    # Cached: a second load works with the server gone.
+    raw = download_official(f"{url}/cola_public_1.1.zip", cache, sha256=sha)
+    check_counts(load(str(raw)))
+    assert hashlib.sha256((cache / "cola_public_1.1.zip").read_bytes()).hexdigest() == sha
+    # Cached: a second call works with the server gone.
     (root / "cola_public_1.1.zip").unlink()
-    check_counts(load_cola(DataConfig(source=f"{url}/cola_public_1.1.zip", cache_dir=str(cache))))
+    assert download_official(f"{url}/cola_public_1.1.zip", cache, sha256=sha) == raw
 
 
-def test_checksum_mismatch_is_refused_and_nothing_is_cached(tmp_path: Path, http_dir: tuple[str, Path]) -> None:
+def test_a_crafted_path_in_the_archive_stays_inside(cola_raw: Path, tmp_path: Path,
+                                                    http_dir: tuple[str, Path]) -> None:
     url, root = http_dir
-    data = bytearray(COLA_ZIP.read_bytes())
-    data[1000] ^= 0xFF
-    (root / "cola_public_1.1.zip").write_bytes(bytes(data))
+    path = root / "cola_public_1.1.zip"
+    release_zip(cola_raw, path)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("cola_public/raw/../../../escaped.tsv", "x\t1\t\tEvil.\n")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    download_official(f"{url}/cola_public_1.1.zip", tmp_path / "cache", sha256=sha)
+    assert not list(tmp_path.rglob("escaped.tsv"))
+
+
+def test_checksum_mismatch_is_refused_and_nothing_is_cached(cola_raw: Path, tmp_path: Path,
+                                                            http_dir: tuple[str, Path]) -> None:
+    url, root = http_dir
+    release_zip(cola_raw, root / "cola_public_1.1.zip")  # not the official bytes
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match=r"sha256 [0-9a-f]{64} does not match the official CoLA 1.1 archive"):
-        load_cola(DataConfig(source=f"{url}/cola_public_1.1.zip", cache_dir=str(cache)))
+        load(f"{url}/cola_public_1.1.zip", cache)
     assert list(cache.iterdir()) == []
+
+
+@needs_real_cola
+def test_the_official_archive_through_the_config(tmp_path: Path, http_dir: tuple[str, Path]) -> None:
+    url, root = http_dir
+    shutil.copy(real_cola_dir() / "cola_public_1.1.zip", root / "cola_public_1.1.zip")
+    data = load(f"{url}/cola_public_1.1.zip", tmp_path / "cache")
+    check_counts(data, first="Our friends won't buy this analysis, let alone the next one we propose.")
+    assert hashlib.sha256((tmp_path / "cache" / "cola_public_1.1.zip").read_bytes()).hexdigest() == (
+        "2cf856f46df11c143d38e0cf2f9f34ff2fdb088c521cd859f5c4b9581683278b")
 
 
 def test_unreachable_url_and_offline_hub_say_how_to_go_local(tmp_path: Path, http_dir: tuple[str, Path],
@@ -106,31 +187,36 @@ def test_unreachable_url_and_offline_hub_say_how_to_go_local(tmp_path: Path, htt
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     with pytest.raises(DataError, match=r"could not load the hub dataset nyu-mll/glue/cola .*set data.source"):
-        load_cola(DataConfig(source="hub"))
+        load("hub", tmp_path / "cache")
 
 
 @pytest.mark.parametrize("line, message", [
     ("gj04\t1\t\tfine\textra\n", "expected 4 tab-separated columns (source, label, mark, sentence), got 5"),
     ("gj04\t1\n", "expected 4 tab-separated columns (source, label, mark, sentence), got 2"),
     ("gj04\t2\t\tA sentence.\n", "label must be 0 or 1, got '2'"),
-    ("gj04\t1\t\t  \n", "empty sentence; fix or remove the line"),
+    ("gj04\t1\t\t  \n", "empty text; fix or remove the line"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
     p = tmp_path / "in_domain_train.tsv"
     p.write_text("gj04\t1\t\tGood one.\n" + line)
     with pytest.raises(DataError) as e:
-        read_tsv(p, TRAIN)
+        read_tsv(p, "train")
     assert str(e.value).startswith(f"{p}:2: {message}")
 
 
-def test_empty_and_missing_files(tmp_path: Path) -> None:
-    (tmp_path / "in_domain_train.tsv").write_text("")
+def test_non_utf8_empty_and_missing_files(tmp_path: Path) -> None:
+    p = tmp_path / "in_domain_train.tsv"
+    p.write_bytes("gj04\t1\t\tGood.\ngj04\t1\t\tCaf\xe9.\n".encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        read_tsv(p, "train")
+    assert str(e.value) == f"{p}:2: not UTF-8 text (byte 25); save the file as UTF-8"
+    p.write_text("")
     with pytest.raises(DataError, match="file is empty"):
-        read_tsv(tmp_path / "in_domain_train.tsv", TRAIN)
+        read_tsv(p, "train")
     with pytest.raises(DataError, match=r"missing in_domain_dev.tsv, out_of_domain_dev.tsv"):
-        load_cola(DataConfig(source=str(tmp_path)))
+        load(str(tmp_path))
     with pytest.raises(DataError, match=r"data.source=/nonexistent: no such folder"):
-        load_cola(DataConfig(source="/nonexistent"))
+        load("/nonexistent")
 
 
 # --------------------------------------------------------------------------- tokenizing, collation
@@ -143,8 +229,8 @@ def tokenizer(tiny_model: Path):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
-def test_tokenize_is_cached_and_identical(tokenizer, tmp_path: Path) -> None:
-    examples = read_tsv(COLA_RAW / "in_domain_dev.tsv", IN_DOMAIN)
+def test_tokenize_is_cached_and_identical(tokenizer, cola_raw: Path, tmp_path: Path) -> None:
+    examples = read_tsv(cola_raw / "in_domain_dev.tsv", IN_DOMAIN)
     first = tokenize(examples, tokenizer, 64, tmp_path)
     files = list((tmp_path / "tokenized").glob("*.npz"))
     assert len(files) == 1
@@ -155,9 +241,55 @@ def test_tokenize_is_cached_and_identical(tokenizer, tmp_path: Path) -> None:
     tokenize(examples, tokenizer, 32, tmp_path)
     assert len(list((tmp_path / "tokenized").glob("*.npz"))) == 2
     # Each row: [CLS] ... [SEP] then pad, exactly as the tokenizer encodes it.
-    enc = tokenizer(examples[4].sentence)["input_ids"]
+    enc = tokenizer(examples[4].text[0])["input_ids"]
     assert first.ids[4, : len(enc)].tolist() == enc and first.lengths[4] == len(enc)
     assert (first.ids[4, len(enc):] == tokenizer.pad_token_id).all()
+
+    # A damaged cache file is rebuilt, and said so.
+    files[0].write_bytes(b"not a zip")
+    said: list[str] = []
+    rebuilt = tokenize(examples, tokenizer, 64, tmp_path, say=said.append)
+    assert np.array_equal(rebuilt.ids, first.ids)
+    assert len(said) == 1 and said[0].startswith(f"the tokenized cache {files[0]} is damaged") and "rebuilding" in said[0]
+    assert np.load(files[0])["ids"].shape == (527, 64)
+
+
+def test_cache_key_covers_the_tokenizers_whole_state(tiny_model: Path, cola_raw: Path, tmp_path: Path) -> None:
+    """Same vocabulary, another post-processor (no [CLS]/[SEP]): other ids, another cache entry."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_model)
+    bare = AutoTokenizer.from_pretrained(tiny_model)
+    bare.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    assert plain.get_vocab() == bare.get_vocab()
+    assert tokenizer_fingerprint(plain) != tokenizer_fingerprint(bare)
+    examples = read_tsv(cola_raw / "in_domain_dev.tsv", IN_DOMAIN)[:20]
+    a = tokenize(examples, plain, 32, tmp_path)
+    b = tokenize(examples, bare, 32, tmp_path)
+    assert (a.lengths == b.lengths + 2).all() and len(list((tmp_path / "tokenized").glob("*.npz"))) == 2
+
+
+def test_unknown_fraction_tells_a_fitting_tokenizer_from_a_stub(tokenizer, cola_raw: Path, tmp_path: Path) -> None:
+    from transformers import BertTokenizerFast
+
+    examples = read_tsv(cola_raw / "in_domain_train.tsv", "train")[:500]
+    good = tokenize(examples, tokenizer, 64, None)
+    assert unknown_fraction(good, tokenizer) < 0.01
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    stub = BertTokenizerFast(vocab_file=str(vocab))
+    assert unknown_fraction(tokenize(examples, stub, 64, None), stub) == 1.0
+
+
+def test_heldout_slice_is_stratified_and_the_same_for_every_seed(cola_raw: Path) -> None:
+    train = read_tsv(cola_raw / "in_domain_train.tsv", "train")
+    rest, held = split_heldout(train, 0.1, regression=False)
+    assert len(rest) + len(held) == 8551 and len(held) == round(0.1 * 6023) + round(0.1 * 2528)
+    assert sum(e.label for e in held) == round(0.1 * 6023) and {e.split for e in held} == {HELDOUT}
+    assert {(e.text, e.idx) for e in held}.isdisjoint({(e.text, e.idx) for e in rest})
+    assert split_heldout(train, 0.1, regression=False)[1] == held
+    assert split_heldout(train, 0.0, regression=False) == (train, [])
 
 
 def test_collate_pads_to_longest_rounded_up() -> None:

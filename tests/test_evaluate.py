@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COLA_DIR, COLA_RAW, evals, read_jsonl, run_cli
+from conftest import evals, read_jsonl, run_cli
 
 from distributed_tune.cli import main
 
 N_IN, N_OUT = 527, 516
 
 
-def make_decisive_model(tiny_model: Path, out: Path) -> Path:
+def make_decisive_model(tiny_model: Path, out: Path, cola_raw: Path) -> Path:
     """The tiny BERT re-initialised with large weights, so that its predictions depend on the
     sentence (the default init gives every sentence the same probability to 4 decimals), and its
     bias centred so that about half the dev sentences fall on each side of 0.5. A few steps of
@@ -37,7 +37,7 @@ def make_decisive_model(tiny_model: Path, out: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    sentences = [line.split("\t")[3] for line in (COLA_RAW / "in_domain_dev.tsv").read_text().splitlines()]
+    sentences = [line.split("\t")[3] for line in (cola_raw / "in_domain_dev.tsv").read_text().splitlines()]
     with torch.no_grad():
         logits = model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits
         model.classifier.bias[1] -= float((logits[:, 1] - logits[:, 0]).median())
@@ -60,17 +60,18 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_args(model: Path, cache_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model.name={model}", f"data.source={COLA_DIR}", f"data.cache_dir={cache_dir}", "train.epochs=1",
+def run_args(model: Path, cola_dir: Path, cache_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.name={model}", f"data.source={cola_dir}", f"data.cache_dir={cache_dir}", "train.epochs=1",
             "train.max_steps=8", "train.log_every=1", "train.global_batch_size=16", "train.micro_batch_size=8",
             "train.lr=1e-4", f"output_dir={out}", *extra]
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(tiny_model: Path, cola_dir: Path, cola_raw: Path, cache_dir: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("evaluate")
-    model = make_decisive_model(tiny_model, tmp / "decisive")
-    run_cli(run_args(model, cache_dir, tmp / "run"))
+    model = make_decisive_model(tiny_model, tmp / "decisive", cola_raw)
+    run_cli(run_args(model, cola_dir, cache_dir, tmp / "run"))
     return tmp / "run"
 
 
@@ -114,7 +115,7 @@ def test_evaluate_reproduces_the_runs_own_dev_evaluation(run: Path, capsys) -> N
 
     assert "out_of_domain_dev" in out and "ks08" in out and "swb04" in out
     assert f"{logged['dev']['mcc']:.4f}" in out
-    assert f"the run logged dev MCC {logged['dev']['mcc']:.4f}" in " ".join(out.split())
+    assert f"the run logged dev mcc {logged['dev']['mcc']:.4f} at optimizer step 8" in " ".join(out.split())
 
 
 def test_two_processes_predict_each_dev_sentence_exactly_once(run: Path, tmp_path: Path) -> None:
@@ -125,16 +126,16 @@ def test_two_processes_predict_each_dev_sentence_exactly_once(run: Path, tmp_pat
     assert [r["index"] for r in mine] == list(range(N_IN + N_OUT))
     assert [r["pred"] for r in mine] == [r["pred"] for r in theirs]
     # Other batches (each rank's shard), so other float sums: equal to rounding.
-    assert np.allclose([r["prob_acceptable"] for r in mine], [r["prob_acceptable"] for r in theirs], atol=2e-6)
+    assert np.allclose([r["probs"] for r in mine], [r["probs"] for r in theirs], atol=2e-6)
     logged = {r["split"]: r for r in evals(run)}
     for split, m in result["splits"].items():
         assert (m["n"], m["mcc"], m["confusion_matrix"]) == (logged[split]["n"], logged[split]["mcc"],
                                                             logged[split]["confusion_matrix"])
 
 
-def test_user_tsv_files_are_splits_named_after_the_files(run: Path, tmp_path: Path, capsys) -> None:
-    in_lines = (COLA_RAW / "in_domain_dev.tsv").read_text().splitlines()[:40]
-    out_lines = (COLA_RAW / "out_of_domain_dev.tsv").read_text().splitlines()[:30]
+def test_user_tsv_files_are_splits_named_after_the_files(run: Path, cola_raw: Path, tmp_path: Path, capsys) -> None:
+    in_lines = (cola_raw / "in_domain_dev.tsv").read_text().splitlines()[:40]
+    out_lines = (cola_raw / "out_of_domain_dev.tsv").read_text().splitlines()[:30]
     (tmp_path / "mine_a.tsv").write_text("\n".join(in_lines) + "\n")
     (tmp_path / "mine_b.tsv").write_text("\n".join(out_lines))  # no final newline, like the original
     out = tmp_path / "out"
@@ -148,11 +149,18 @@ def test_user_tsv_files_are_splits_named_after_the_files(run: Path, tmp_path: Pa
     assert [r["sentence"] for r in rows] == [r["sentence"] for r in expected]
     assert [(r["split"], r["index"]) for r in rows] == [("mine_a", i) for i in range(40)] + [("mine_b", i) for i in range(30)]
     assert [r["pred"] for r in rows] == [r["pred"] for r in expected]
-    assert np.allclose([r["prob_acceptable"] for r in rows], [r["prob_acceptable"] for r in expected], atol=2e-6)
+    assert np.allclose([r["probs"] for r in rows], [r["probs"] for r in expected], atol=2e-6)
     assert "mine_b" in capsys.readouterr().out
+    # Without --out, a TSV evaluation gets its own folder: the dev evaluation's files stay.
+    dev_before = (run / "eval" / "metrics.json").read_bytes() if (run / "eval" / "metrics.json").is_file() else None
+    assert main(["evaluate", str(run), "--tsv", str(tmp_path / "mine_a.tsv")]) == 0
+    assert json.loads((run / "eval" / "mine_a" / "metrics.json").read_text())["splits"]["mine_a"]["n"] == 40
+    if dev_before is not None:
+        assert (run / "eval" / "metrics.json").read_bytes() == dev_before
 
 
-def test_a_model_predicting_one_class_is_reported_collapsed(tiny_model: Path, tmp_path: Path, capsys) -> None:
+def test_a_model_predicting_one_class_is_reported_collapsed(tiny_model: Path, cola_dir: Path, tmp_path: Path,
+                                                            capsys) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -162,16 +170,26 @@ def test_a_model_predicting_one_class_is_reported_collapsed(tiny_model: Path, tm
     with torch.no_grad():
         model.classifier.bias.copy_(torch.tensor([0.0, 10.0]))
     model.save_pretrained(folder)
-    assert main(["evaluate", str(folder), "--data", str(COLA_DIR)]) == 0
+    assert main(["evaluate", str(folder), f"data.source={cola_dir}"]) == 0
     result = json.loads((folder / "eval" / "metrics.json").read_text())  # a model folder: MODEL/eval
     dev = result["splits"]["dev"]
     assert dev["collapsed"] and dev["mcc"] == 0.0
-    assert dev["confusion_matrix"] == [[0, 324], [0, 719]]  # CoLA 1.1 dev: 324 unacceptable, 719 acceptable
+    assert dev["confusion_matrix"] == [[0, 324], [0, 719]]  # dev: 324 unacceptable, 719 acceptable
     assert all(m["collapsed"] for m in result["splits"].values())
     assert all(m["mcc"] is None for by in result["by_source"].values() for m in by.values())
     assert result["run_logged"] is None and result["run_dir"] is None
     out = capsys.readouterr().out
     assert "YES" in out and "collapsed: the model predicts a single class" in " ".join(out.split())
+
+
+def test_predictions_of_a_run_and_its_export_agree_with_a_pipeline(run: Path) -> None:
+    from transformers import pipeline
+
+    rows = read_jsonl(run / "model" / "dev_predictions.jsonl")
+    clf = pipeline("text-classification", model=str(run / "model"), device="cpu")
+    out = clf([r["sentence"] for r in rows[:5]])
+    assert [o["label"] for o in out] == [r["pred_label"] for r in rows[:5]]
+    assert [o["score"] for o in out] == pytest.approx([r["prob"] for r in rows[:5]], abs=1e-5)
 
 
 def test_bad_input_is_one_line_naming_the_problem(run: Path, tmp_path: Path, capsys) -> None:

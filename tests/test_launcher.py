@@ -210,7 +210,12 @@ REJECTED = {
     "global batch the world cannot make": (
         ["--gpus", "3", "train.global_batch_size=32", "train.micro_batch_size=8", "--dry-run"],
         "error: train.global_batch_size=32 is not a multiple of train.micro_batch_size=8 x world size 3 = 24; "
-        "pick a global batch that is a multiple of 24 or change the micro batch",
+        "pick a global batch that is a multiple of 24 or leave train.micro_batch_size unset (null: derived)",
+    ),
+    "global batch no world can split": (
+        ["--gpus", "3", "train.global_batch_size=32", "--dry-run"],
+        "error: train.global_batch_size=32 cannot be split over world size 3; pick a global batch that is a "
+        "multiple of 3 (e.g. 33) or another number of processes",
     ),
     "unknown key": (
         ["--gpus", "2", "distributed.zero_stag=2", "--dry-run"],
@@ -262,3 +267,44 @@ def test_resuming_zero_state_on_another_world_size_is_refused(tmp_path: Path) ->
         f"(DeepSpeed's zero_to_fp32.py in {RUN}/checkpoints/step_00000004)"
     )
     assert sorted(p.name for p in (tmp_path / RUN).iterdir()) == ["checkpoints"]  # nothing rendered
+
+
+def test_the_micro_batch_follows_the_number_of_processes(tmp_path: Path) -> None:
+    """The shipped config's global batch 32 on 4 and 8 processes (the README's commands): no
+    arithmetic for the user to redo; accumulation only above the per-device cap."""
+    for gpus, micro, accumulation in (("4", 8, 1), ("8", 4, 1), ("1", 32, 1)):
+        proc = launch(["--config", str(REPO / "configs" / "cola_bert_base.yaml"), "--gpus", gpus,
+                       "distributed.zero_stage=2", "--dry-run", "--overwrite"], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        ds = json.loads((tmp_path / RUN / "ds_config.json").read_text())
+        assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (micro, accumulation)
+    proc = launch(["--gpus", "1", "train.max_micro_batch_size=8", "distributed.zero_stage=2", "--dry-run",
+                   "--overwrite"], tmp_path)
+    ds = json.loads((tmp_path / RUN / "ds_config.json").read_text())
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 4)
+
+
+def test_dry_run_on_a_used_run_directory_leaves_the_run_alone(tmp_path: Path) -> None:
+    run = tmp_path / RUN
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"optimizer_step": 4, "loss": 0.6}\n')
+    (run / "config.yaml").write_text("seed: 1\n")
+    proc = launch(["--gpus", "2", "--dry-run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "config.yaml").read_text() == "seed: 1\n"
+    assert (run / "dry-run" / "accelerate.yaml").is_file()
+    assert f"({RUN} holds a run: the dry run wrote into {RUN}/dry-run; launching needs --resume or --overwrite)" \
+        in proc.stdout
+    proc = launch(["--gpus", "2"], tmp_path)  # the real launch is refused
+    assert proc.returncode == 2 and "already holds a run (metrics.jsonl)" in proc.stderr
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path: Path) -> None:
+    from distributed_tune.files import RunLock
+
+    (tmp_path / RUN).mkdir()
+    with RunLock(tmp_path / RUN):
+        proc = launch(["--gpus", "1", "--overwrite"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: output_dir={RUN} is in use by a running job (host ")
+    assert f"pid {os.getpid()}" in proc.stderr and not (tmp_path / RUN / "config.yaml").exists()

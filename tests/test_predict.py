@@ -22,10 +22,11 @@ from distributed_tune.cli import main
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tiny_model: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def zero3_run(tiny_model: Path, cola_dir: Path, cola_raw: Path, cache_dir: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("predict")
-    model = make_decisive_model(tiny_model, tmp / "decisive")
-    run_cli(run_args(model, cache_dir, tmp / "run", "distributed.zero_stage=3", "train.max_steps=4"),
+    model = make_decisive_model(tiny_model, tmp / "decisive", cola_raw)
+    run_cli(run_args(model, cola_dir, cache_dir, tmp / "run", "distributed.zero_stage=3", "train.max_steps=4"),
             nproc=2, launcher="accelerate")
     return tmp / "run"
 
@@ -53,7 +54,7 @@ def test_zero3_model_evaluates_to_the_runs_own_numbers_on_one_cpu_process(zero3_
     assert len(evaluated) == len(theirs) == 1043
     assert [r["pred"] for r in evaluated] == [r["pred"] for r in theirs]
     # The run evaluated sharded over 2 ZeRO-3 ranks, in other batches: equal to rounding.
-    assert np.allclose([r["prob_acceptable"] for r in evaluated], [r["prob_acceptable"] for r in theirs], atol=2e-6)
+    assert np.allclose([r["probs"] for r in evaluated], [r["probs"] for r in theirs], atol=2e-6)
 
 
 def test_predict_agrees_with_evaluate_from_arguments_file_and_stdin(zero3_run: Path, evaluated, tmp_path: Path,
@@ -69,8 +70,7 @@ def test_predict_agrees_with_evaluate_from_arguments_file_and_stdin(zero3_run: P
     for line, r in zip(lines, picked[:3]):
         label, prob, sentence = line.split("\t")
         assert (label, sentence) == (r["pred_label"], r["sentence"])
-        expected = r["prob_acceptable"] if r["pred"] == 1 else 1 - r["prob_acceptable"]
-        assert float(prob) == pytest.approx(expected, abs=1e-4)
+        assert float(prob) == pytest.approx(r["prob"], abs=1e-4)
 
     # A file with blank lines, several batches of 5 -> jsonl; line numbers kept.
     sentences = tmp_path / "sentences.txt"
@@ -81,19 +81,37 @@ def test_predict_agrees_with_evaluate_from_arguments_file_and_stdin(zero3_run: P
                  "--batch-size", "5"]) == 0
     n_ok = sum(r["pred"] for r in picked)
     assert capsys.readouterr().out.strip() == (f"wrote {len(picked)} predictions to {out} "
-                                                f"({n_ok} acceptable, {len(picked) - n_ok} unacceptable)")
+                                                f"({len(picked) - n_ok} unacceptable, {n_ok} acceptable)")
     rows = read_jsonl(out)
     assert [r["sentence"] for r in rows] == [r["sentence"] for r in picked]
     assert [r["line"] for r in rows] == list(range(1, 21)) + list(range(23, 23 + len(picked) - 20))
     assert [r["pred"] for r in rows] == [r["pred"] for r in picked]
     assert [r["pred_label"] for r in rows] == [r["pred_label"] for r in picked]
-    assert np.allclose([r["prob_acceptable"] for r in rows], [r["prob_acceptable"] for r in picked], atol=2e-6)
+    assert np.allclose([r["probs"] for r in rows], [r["probs"] for r in picked], atol=2e-6)
 
     # stdin, default batch size: the same labels.
     monkeypatch.setattr(sys, "stdin", io.StringIO(sentences.read_text()))
     assert main(["predict", str(zero3_run)]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in printed] == [r["pred_label"] for r in picked]
+
+
+def test_sentences_may_follow_options(zero3_run: Path, evaluated, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "x.jsonl"
+    assert main(["predict", str(zero3_run), "--out", str(out), evaluated[0]["sentence"], "Him saw she."]) == 0
+    assert [r["sentence"] for r in read_jsonl(out)] == [evaluated[0]["sentence"], "Him saw she."]
+
+
+def test_predict_help_imports_no_torch() -> None:
+    """`--help` parses arguments before torch (seconds) is imported."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "distributed_tune", "predict", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "--glue-submission" in proc.stdout
+    probe = subprocess.run([sys.executable, "-X", "importtime", "-m", "distributed_tune", "predict", "--help"],
+                           capture_output=True, text=True, timeout=60)
+    assert "| torch" not in probe.stderr, "predict --help imports torch"
 
 
 def test_predict_bad_input(zero3_run: Path, tmp_path: Path, capsys) -> None:

@@ -30,9 +30,10 @@ from shims.harness import (
 )
 
 
-def test_zero2_two_nodes_preempt_resume_is_exact(tmp_path: Path, tiny_model: Path, cache_dir: Path) -> None:
+def test_zero2_two_nodes_preempt_resume_is_exact(tmp_path: Path, tiny_model: Path, cache_dir: Path,
+                                                 cola_dir: Path) -> None:
     cluster = Cluster(tmp_path / "slurm")
-    config = write_job_config(tmp_path / "job.yaml", tiny_model, cache_dir)
+    config = write_job_config(tmp_path / "job.yaml", tiny_model, cache_dir, cola_dir)
     common = ["--config", str(config), "--nodes", "2", "--gpus-per-node", "1", "--time", "00:10:00",
               "distributed.zero_stage=2"]
 
@@ -49,7 +50,7 @@ def test_zero2_two_nodes_preempt_resume_is_exact(tmp_path: Path, tiny_model: Pat
                       run_dir=run_dir, signal_after=4, cluster=cluster)
     err1 = flat((run_dir / f"slurm-{job_id}.err").read_text())
     assert proc.returncode == 0, proc.stdout + err1[-4000:]
-    k = int(re.search(r"stop signal 10: checkpoint saved at optimizer step (\d+)", err1).group(1))
+    k = int(re.search(r"stop signal 10 \(SIGUSR1\): checkpoint saved at optimizer step (\d+)", err1).group(1))
     assert 4 <= k < 40 and cluster.requeued() == [job_id]
     ckpt = run_dir / "checkpoints" / f"step_{k:08d}"
     # Both nodes wrote their ZeRO-2 optimizer shard into the one checkpoint.

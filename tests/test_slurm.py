@@ -111,7 +111,9 @@ def test_golden_rendering(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
                        "--job-name=dt-zero2"):
             assert f"#SBATCH {header}" in directives
     else:
-        assert "SLURM_NODEID" not in text and "scontrol" not in text
+        assert "SLURM_NODEID" not in text and "scontrol show" not in text
+    # The job requeues itself (an array task: only itself) after the step has exited.
+    assert 'scontrol requeue "$DT_JOB"' in text and text.index('scontrol requeue "$DT_JOB"') > text.index('wait "$step"')
     if name == "slurm_1x4_ddp":
         assert "#SBATCH --qos=high" in directives and "#SBATCH --cpus-per-task=32" in directives
         assert not any(d.startswith("#SBATCH --account") for d in directives)
@@ -135,6 +137,12 @@ def test_submit_refusals_write_nothing(tmp_path: Path, monkeypatch: pytest.Monke
         "batch arithmetic": (["--config", zero2, "--nodes", "2", "--gpus-per-node", "8", "--time", "02:00:00",
                               "--partition", "gpu", "train.micro_batch_size=4", "output_dir=runs/new"],
                              "train.global_batch_size=32 is not a multiple of train.micro_batch_size=4 x world size 16 = 64"),
+        "time too short for the lead": (["--config", zero2, "--time", "00:01:30", "output_dir=runs/new"],
+                                        "--time=00:01:30 (SLURM rounds it up to 2 min) with --signal-lead=90 s: the "
+                                        "warning signal can come 30 s early, i.e. at the start; raise --time above "
+                                        "2 min or lower --signal-lead"),
+        "lead too short": (["--config", zero2, "--signal-lead", "5", "output_dir=runs/new"],
+                           "--signal-lead=5 s leaves too little time to reach a stop check and save a checkpoint"),
         "time format": (["--config", zero2, "--time", "2h", "output_dir=runs/new"], "--time='2h' is not a SLURM time limit"),
         "no nodes": (["--config", zero2, "--nodes", "0", "output_dir=runs/new"], "--nodes=0 must be at least 1"),
         "header injection": (["--config", zero2, "--partition", "gpu\n#SBATCH --exclusive", "output_dir=runs/new"],
@@ -177,9 +185,10 @@ def test_shims_answer_like_slurm(tmp_path: Path) -> None:
         "node 0 of 3 on localhost", "node 1 of 3 on 127.0.0.2", "node 2 of 3 on 127.0.0.3"]
 
 
-def test_preempt_requeue_resume_matches_uninterrupted(tmp_path: Path, tiny_model: Path, cache_dir: Path) -> None:
+def test_preempt_requeue_resume_matches_uninterrupted(tmp_path: Path, tiny_model: Path, cache_dir: Path,
+                                                     cola_dir: Path) -> None:
     cluster = Cluster(tmp_path / "slurm")
-    config = write_job_config(tmp_path / "job.yaml", tiny_model, cache_dir)
+    config = write_job_config(tmp_path / "job.yaml", tiny_model, cache_dir, cola_dir)
     common = ["--config", str(config), "--nodes", "1", "--gpus-per-node", "2", "--time", "00:10:00",
               "--partition", "debug"]
 
@@ -202,12 +211,13 @@ def test_preempt_requeue_resume_matches_uninterrupted(tmp_path: Path, tiny_model
                            run_dir=run_dir, signal_after=4, cluster=cluster)
     err1 = flat((run_dir / f"slurm-{job_id}.err").read_text())
     assert proc.returncode == 0, proc.stdout + err1[-4000:]
-    stopped = re.search(r"stop signal 10: checkpoint saved at optimizer step (\d+)", err1)
+    stopped = re.search(r"stop signal 10 \(SIGUSR1\): checkpoint saved at optimizer step (\d+)", err1)
     assert stopped, err1[-4000:]
     k = int(stopped.group(1))
     assert 4 <= k < 40, k
-    assert cluster.requeued() == [job_id]  # scontrol requeue "$SLURM_JOB_ID", once, by rank 0
-    assert f"requeued SLURM job {job_id}" in err1
+    assert cluster.requeued() == [job_id]  # scontrol requeue "$SLURM_JOB_ID", once, after the step ended
+    assert f"[job.sbatch] requeueing job {job_id}: it resumes from the checkpoint" in \
+        (run_dir / f"slurm-{job_id}.out").read_text()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == f"step_{k:08d}"
     assert not (run_dir / "model").exists()  # training did not finish
     assert "job step exited with status 0" in (run_dir / f"slurm-{job_id}.out").read_text()

@@ -1,6 +1,6 @@
-"""Seed sweeps: the summary arithmetic on a scripted list, and a real 2-seed sweep whose first seed
-runs sequentially and whose second runs as a SLURM array task (sbatch/srun/scontrol are the
-project's shims, which really run the rendered scripts here).
+"""Sweeps: the summary arithmetic on a scripted list; a real grid x seeds sweep whose runs go in turn,
+then as a SLURM array (sbatch/srun/scontrol are the project's shims, which really run the rendered
+scripts here); reruns that must be refused.
 
     pytest tests/test_sweep.py -x -q
 """
@@ -14,45 +14,54 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import COLA_DIR, REPO, evals, run_cli, subprocess_env
+from conftest import REPO, evals, run_cli, subprocess_env
 from test_evaluate import make_decisive_model
 
 from distributed_tune.cli import main
-from distributed_tune.sweep import SeedResult, seed_result, summarize
+from distributed_tune.summary import result_from_records, stats, summarize
+from distributed_tune.tasks import get_task
 
 SHIMS = REPO / "tests" / "shims"
+COLA = get_task("cola")
 
 
-def dev(step: int, mcc: float, collapsed: bool = False) -> dict:
-    return {"split": "dev", "optimizer_step": step, "mcc": mcc, "accuracy": 0.7, "collapsed": collapsed}
+def dev(step: int, mcc: float, collapsed: bool = False, split: str = "dev") -> dict:
+    return {"split": split, "optimizer_step": step, "mcc": mcc, "accuracy": 0.7, "collapsed": collapsed}
 
 
 def test_summary_arithmetic_on_a_scripted_list() -> None:
     train = {"optimizer_step": 10, "loss": 0.6, "lr": 1e-5}
+    done = {"event": "finished"}
     scripted = {
-        1: [train, dev(10, 0.30), dev(20, 0.50), dev(30, 0.50)],  # tie: the earlier step is the best
-        2: [dev(10, 0.40)],
-        3: [dev(10, 0.0, collapsed=True), dev(20, 0.0, collapsed=True)],  # never left one class
-        4: [dev(10, 0.20), dev(30, 0.60), {"split": "in_domain_dev", "optimizer_step": 30, "mcc": 0.9}],
-        5: [{"split": "in_domain_dev", "optimizer_step": 10, "mcc": 0.99}, dev(10, 0.45),
-            {"event": "first_step", "startup_s": 3.0}],
-        6: None,  # never started
+        1: [train, dev(10, 0.30), dev(20, 0.50), dev(30, 0.50), done],  # tie: the earlier step is the best
+        2: [dev(10, 0.40), done],
+        3: [dev(10, 0.0, collapsed=True), dev(20, 0.0, collapsed=True), done],  # never left one class
+        4: [dev(10, 0.20), dev(30, 0.60), dev(30, 0.9, split="in_domain_dev"), dev(40, 0.55), done],
+        5: [dev(10, 0.99, split="in_domain_dev"), dev(10, 0.45), {"event": "first_step", "startup_s": 3.0}],
     }
-    results = [seed_result(s, records, finished=s != 5) for s, records in scripted.items()]
-    assert [(r.seed, r.best_mcc, r.best_step, r.collapsed, r.status) for r in results] == [
-        (1, 0.50, 20, False, "done"), (2, 0.40, 10, False, "done"), (3, 0.0, 10, True, "done"),
-        (4, 0.60, 30, False, "done"), (5, 0.45, 10, False, "incomplete"), (6, None, None, None, "missing"),
-    ]
-    assert results[3].in_domain_mcc == 0.9 and results[0].evaluations == 3
+    results = [result_from_records(records, COLA, f"seed {s}") for s, records in scripted.items()]
+    assert [(r.label, r.best_value, r.best_step, r.best_collapsed, r.final_value, r.final_step, r.status)
+            for r in results] == [
+        ("seed 1", 0.50, 20, False, 0.50, 30, "done"), ("seed 2", 0.40, 10, False, 0.40, 10, "done"),
+        ("seed 3", 0.0, 10, True, 0.0, 20, "done"), ("seed 4", 0.60, 30, False, 0.55, 40, "done"),
+        ("seed 5", 0.45, 10, False, 0.45, 10, "incomplete")]
+    assert results[3].splits_at_best == {"dev": 0.6, "in_domain_dev": 0.9} and results[0].evaluations == 3
+    assert results[2].first_non_collapsed_step is None and results[0].first_non_collapsed_step == 10
     s = summarize(results)
-    # By hand: values 0.5 0.4 0 0.6 0.45; mean 1.95/5 = 0.39; squared deviations
-    # .0121 .0001 .1521 .0441 .0036 sum .212; sample variance .212/4 = .053; median 0.45.
-    assert s["mean"] == pytest.approx(0.39, abs=1e-12)
-    assert s["std"] == pytest.approx(math.sqrt(0.053), abs=1e-12) == pytest.approx(0.2302172887, abs=1e-9)
-    assert s["median"] == 0.45 and (s["min"], s["max"]) == (0.0, 0.6)
-    assert (s["seeds"], s["scored"], s["collapsed"], s["unscored_seeds"]) == (6, 5, 1, [6])
-    one = summarize([SeedResult(7, "done", best_mcc=0.3, best_step=5, collapsed=False)])
-    assert (one["mean"], one["std"], one["median"]) == (0.3, None, 0.3)  # no std from a single seed
+    # Selected, by hand: 0.5 0.4 0 0.6 0.45; mean 1.95/5 = 0.39; squared deviations .0121 .0001 .1521
+    # .0441 .0036, sum .212; sample variance .212/4 = .053; median 0.45.
+    assert s["selected"]["mean"] == pytest.approx(0.39, abs=1e-12)
+    assert s["selected"]["std"] == pytest.approx(math.sqrt(0.053), abs=1e-12)
+    assert (s["selected"]["median"], s["selected"]["min"], s["selected"]["max"]) == (0.45, 0.0, 0.6)
+    # Final: 0.5 0.4 0 0.55 0.45 -> median 0.45, mean 0.38.
+    assert s["final"]["mean"] == pytest.approx(0.38, abs=1e-12) and s["final"]["median"] == 0.45
+    assert (s["runs"], s["scored"], s["collapsed_selected"], s["collapsed_final"]) == (5, 5, 1, 1)
+    assert stats([0.3]) == {"n": 1, "mean": 0.3, "std": None, "median": 0.3, "min": 0.3, "max": 0.3}
+    # Selection on a held-out slice: the reported value is dev at the held-out best step.
+    held = result_from_records([dev(10, 0.2, split="heldout"), dev(10, 0.31), dev(20, 0.5, split="heldout"),
+                                dev(20, 0.28), dev(30, 0.4, split="heldout"), dev(30, 0.35), done], COLA, "h")
+    assert (held.selection_split, held.best_value, held.best_step, held.selected_dev, held.final_value) == (
+        "heldout", 0.5, 20, 0.28, 0.35)
 
 
 # sbatch for a job array, on top of the project's SLURM shims (tests/shims: sbatch runs a batch
@@ -70,18 +79,45 @@ done
 """
 
 
-def test_sweep_runs_seeds_in_turn_and_as_a_slurm_array(tiny_model: Path, cache_dir: Path, tmp_path: Path,
-                                                       capsys) -> None:
-    model = make_decisive_model(tiny_model, tmp_path / "decisive")
+@pytest.fixture(scope="module")
+def model(tiny_model: Path, cola_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_decisive_model(tiny_model, tmp_path_factory.mktemp("sweep") / "decisive", cola_raw)
+
+
+def sweep_args(model: Path, cola_dir: Path, cache_dir: Path, sweep_dir: Path) -> list[str]:
+    return [f"model.name={model}", f"data.source={cola_dir}", f"data.cache_dir={cache_dir}", "train.max_steps=6",
+            "train.eval_every=2", "train.log_every=1", "train.global_batch_size=16", f"output_dir={sweep_dir}"]
+
+
+def test_grid_sweep_in_turn_then_as_an_array(model: Path, cola_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    overrides = [f"model.name={model}", f"data.source={COLA_DIR}", f"data.cache_dir={cache_dir}",
-                 "train.max_steps=6", "train.eval_every=2", "train.log_every=1", "train.global_batch_size=16",
-                 "train.micro_batch_size=8", "train.lr=1e-4", f"output_dir={sweep_dir}"]
+    overrides = sweep_args(model, cola_dir, cache_dir, sweep_dir)
+    grid = ["--grid", "train.lr=1e-4,3e-3"]
+    proc = run_cli(["sweep", "--seeds", "1", *grid, *overrides])  # seed 42 (the config's), sequentially
+    runs = {lr: sweep_dir / f"train.lr={lr}" / "seed_42" for lr in ("1e-4", "3e-3")}
+    for lr, run in runs.items():
+        cfg = (run / "config.yaml").read_text()
+        assert f"lr: {float(lr)}\n" in cfg and "seed: 42\n" in cfg
+    payload = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert set(payload["settings"]) == {"train.lr=1e-4", "train.lr=3e-3"} and payload["metric"] == "dev mcc"
+    finals = {}
+    for lr, run in runs.items():
+        dev_evals = [r for r in evals(run) if r["split"] == "dev"]
+        assert [r["optimizer_step"] for r in dev_evals] == [2, 4, 6]
+        best = max(dev_evals, key=lambda r: (r["mcc"], -r["optimizer_step"]))
+        entry = payload["settings"][f"train.lr={lr}"]
+        (r,) = entry["runs"]
+        assert (r["best_value"], r["best_step"], r["final_value"], r["final_step"]) == (
+            best["mcc"], best["optimizer_step"], dev_evals[-1]["mcc"], 6)
+        finals[lr] = dev_evals[-1]["mcc"]
+        assert entry["summary"]["final"]["median"] == finals[lr]
+    assert payload["winner"] == f"train.lr={max(finals, key=finals.get)}"
+    md = (sweep_dir / "sweep_summary.md").read_text()
+    assert "| setting | runs | selected: mean ± std (median, min..max) | final:" in md
+    assert f"winner (median of the final value): {payload['winner']}" in " ".join(proc.stdout.split())
 
-    proc = run_cli(["sweep", "--seeds", "1", *overrides])  # seed 42 (the config's seed), sequentially
-    assert "best dev MCC over 1 of 1 seeds" in " ".join(proc.stdout.split())
-
-    # Then 2 seeds as a SLURM array: seed 42 has finished, so the array holds task 1 (seed 43) only.
+    # Then 2 seeds as a SLURM array: seed 42 has finished in both settings, so the array holds the
+    # two seed-43 runs (tasks 1 and 3 of [lr1 s42, lr1 s43, lr2 s42, lr2 s43]).
     bin_dir, state = tmp_path / "bin", tmp_path / "slurm-state"
     bin_dir.mkdir()
     state.mkdir()
@@ -89,43 +125,53 @@ def test_sweep_runs_seeds_in_turn_and_as_a_slurm_array(tiny_model: Path, cache_d
     (bin_dir / "sbatch").chmod(0o755)
     env = subprocess_env(PATH=os.pathsep.join([str(bin_dir), str(SHIMS), os.environ["PATH"]]),
                          SHIMS=str(SHIMS), SHIM_STATE_DIR=str(state))
-    proc = run_cli(["sweep", "--seeds", "2", "--slurm", "--partition", "debug", "--time", "0:10:00", *overrides],
-                   env=env)
-    assert "seed 42: already finished" in proc.stdout and "Submitted batch job 2001" in proc.stdout
+    proc = run_cli(["sweep", "--seeds", "2", *grid, "--slurm", "--partition", "debug", "--time", "0:10:00",
+                    "--gpus-per-node", "0", *overrides], env=env, check=False)
+    assert proc.returncode == 2 and "holds another sweep (seeds: [42] before, [42, 43] now)" in proc.stderr
+    seeds_again = ["sweep", "--seeds", "2", *grid, "--slurm", "--partition", "debug", "--time", "0:10:00",
+                   "--gpus-per-node", "0", "--overwrite", *overrides]
+    # --overwrite starts it over: only the sweep's own run folders go.
+    (sweep_dir / "notes.txt").write_text("mine")
+    proc = run_cli(seeds_again, env=env)
+    assert (sweep_dir / "notes.txt").read_text() == "mine"
+    assert "Submitted batch job 2000" in proc.stdout and "Submitted batch job 2003" in proc.stdout
     array = (sweep_dir / "sweep.sbatch").read_text().splitlines()
-    for line in ("#SBATCH --array=1", "#SBATCH --partition=debug", "#SBATCH --time=0:10:00", "#SBATCH --nodes=1",
-                 "#SBATCH --signal=B:USR1@90", "#SBATCH --requeue", "SEEDS=(42 43)",
-                 f"exec bash {sweep_dir.resolve()}/seed_\"$SEED\"/job.sbatch"):
+    for line in ("#SBATCH --array=0-3", "#SBATCH --partition=debug", "#SBATCH --time=0:10:00", "#SBATCH --nodes=1",
+                 "#SBATCH --cpus-per-task=1", "#SBATCH --signal=B:USR1@90", "#SBATCH --requeue"):
         assert line in array
-    assert not (sweep_dir / "seed_42" / "job.sbatch").exists()
-    seed_script = (sweep_dir / "seed_43" / "job.sbatch").read_text()  # slurm.py's script for one run
-    assert "srun --kill-on-bad-exit=1" in seed_script and "--resume" in seed_script
-    assert "array task 1: seed 43" in (sweep_dir / "slurm-%A_%a.out").read_text()  # the shim does not expand %A
-    assert (sweep_dir / "seed_43" / "model" / "config.json").is_file()
-
+    assert not any(line.startswith("#SBATCH --gpus-per-node") for line in array)  # a CPU partition
+    for lr in ("1e-4", "3e-3"):
+        for seed in (42, 43):
+            assert (sweep_dir / f"train.lr={lr}" / f"seed_{seed}" / "model" / "config.json").is_file()
     assert main(["sweep", "--summarize", str(sweep_dir)]) == 0
     payload = json.loads((sweep_dir / "sweep_summary.json").read_text())
-    best = {}
-    for seed in (42, 43):
-        dev_evals = [r for r in evals(sweep_dir / f"seed_{seed}") if r["split"] == "dev"]
-        assert [r["optimizer_step"] for r in dev_evals] == [2, 4, 6]
-        best[seed] = max(dev_evals, key=lambda r: (r["mcc"], -r["optimizer_step"]))
-    assert [(r["seed"], r["status"], r["best_mcc"], r["best_step"], r["collapsed"]) for r in payload["seeds"]] == [
-        (s, "done", best[s]["mcc"], best[s]["optimizer_step"], best[s]["collapsed"]) for s in (42, 43)]
-    mccs = [best[42]["mcc"], best[43]["mcc"]]
-    s = payload["summary"]
-    assert s["mean"] == pytest.approx(statistics.fmean(mccs), abs=1e-12)
-    assert s["std"] == pytest.approx(statistics.stdev(mccs), abs=1e-12)
-    assert s["median"] == pytest.approx(statistics.median(mccs), abs=1e-12)
-    assert s["collapsed"] == sum(best[x]["collapsed"] for x in best) and s["scored"] == 2
-    md = (sweep_dir / "sweep_summary.md").read_text()
-    assert f"| 43 | {best[43]['mcc']:.4f} | {best[43]['optimizer_step']} |" in md
-    out = " ".join(capsys.readouterr().out.split())
-    assert f"mean {s['mean']:.4f} ± {s['std']:.4f} (sample std), median {s['median']:.4f}" in out
+    for entry in payload["settings"].values():
+        finals = [r["final_value"] for r in entry["runs"]]
+        assert len(finals) == 2 and entry["summary"]["final"]["mean"] == pytest.approx(statistics.fmean(finals))
+        assert entry["summary"]["final"]["std"] == pytest.approx(statistics.stdev(finals))
 
     # Everything finished: a second submission has nothing to do.
-    proc = run_cli(["sweep", "--seeds", "2", "--slurm", *overrides], env=env)
-    assert "every seed has finished: nothing to submit" in proc.stdout
+    proc = run_cli(["sweep", "--seeds", "2", *grid, "--slurm", "--gpus-per-node", "0", *overrides], env=env)
+    assert "every run has finished: nothing to submit" in proc.stdout
+
+
+def test_a_rerun_with_other_settings_is_refused(model: Path, cola_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "s"
+    overrides = sweep_args(model, cola_dir, cache_dir, sweep_dir)
+    run_cli(["sweep", "--seeds", "1", *overrides, "train.lr=3e-3"])
+    summary = (sweep_dir / "sweep_summary.json").read_bytes()
+    proc = run_cli(["sweep", "--seeds", "1", *overrides, "train.lr=1e-5"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: {sweep_dir} holds another sweep (overrides: {[*overrides, 'train.lr=3e-3']} before, "
+        f"{[*overrides, 'train.lr=1e-5']} now); use another output_dir, or --overwrite to start it over")
+    assert (sweep_dir / "sweep_summary.json").read_bytes() == summary
+    assert "lr: 0.003" in (sweep_dir / "seed_42" / "config.yaml").read_text()
+    # A run folder that does not hold what the sweep asks for is never passed off as its result.
+    (sweep_dir / "sweep.json").unlink()
+    proc = run_cli(["sweep", "--seeds", "1", *overrides, "train.lr=1e-5"], check=False)
+    assert proc.returncode == 2 and (f"{sweep_dir / 'seed_42'} was trained with other settings (train.lr: 0.003 in "
+                                     "the run, 1e-05 now)") in proc.stderr
 
 
 def test_sweep_bad_input(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -135,15 +181,20 @@ def test_sweep_bad_input(tmp_path: Path, monkeypatch, capsys) -> None:
     assert "use --first-seed" in capsys.readouterr().err
     assert main(["sweep", "--seeds", "3", "train.lrr=1"]) == 2
     assert "did you mean 'train.lr'" in capsys.readouterr().err
+    assert main(["sweep", "--seeds", "3", "--grid", "train.lr=1e-5,x"]) == 2
+    assert "train.lr must be float, got 'x'" in capsys.readouterr().err
+    assert main(["sweep", "--seeds", "3", "--grid", "seed=1,2"]) == 2
+    assert "the sweep sets seed itself" in capsys.readouterr().err
     assert main(["sweep", "--summarize", str(tmp_path)]) == 2
-    assert "no sweep.json and no seed_<s> folders" in capsys.readouterr().err
+    assert "no sweep.json; is this a sweep directory?" in capsys.readouterr().err
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
-    args = ["sweep", "--seeds", "3", "--slurm", "--gpus", "4", f"output_dir={tmp_path / 's'}"]
+    args = ["sweep", "--seeds", "3", "--slurm", "--gpus", "4", f"output_dir={tmp_path / 's'}",
+            "train.micro_batch_size=16"]
     assert main(args) == 2
     assert "train.global_batch_size=32 is not a multiple of" in capsys.readouterr().err
-    args.append("train.micro_batch_size=8")
-    assert main(args) == 2
+    args[-1] = "train.max_micro_batch_size=8"
+    assert main([*args, "--overwrite"]) == 2
     assert "sbatch not found on PATH" in capsys.readouterr().err
     assert main([*args, "--dry-run", "--time", "2h"]) == 2
     assert "--time='2h' is not a SLURM time limit" in capsys.readouterr().err

@@ -1,7 +1,8 @@
-"""A tiny BERT for tests: a WordPiece vocabulary trained on the CoLA training sentences and a
-BertConfig of a few thousand parameters, saved as a local `save_pretrained` folder.
+"""A tiny BERT for tests: a WordPiece vocabulary trained on the training sentences of a
+CoLA-format folder (the test data of tests/cola_data.py) and a BertConfig of a few thousand
+parameters, saved as a local `save_pretrained` folder.
 
-    python tests/tiny_model.py /tmp/tiny-bert      # build one by hand
+    python tests/tiny_model.py /tmp/tiny-bert /tmp/cola      # build one by hand
 """
 
 from __future__ import annotations
@@ -9,15 +10,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-COLA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cola"
+from cola_data import sentences as cola_sentences
 
 
-def cola_sentences() -> list[str]:
-    lines = (COLA / "raw" / "in_domain_train.tsv").read_text(encoding="utf-8").splitlines()
-    return [line.split("\t")[3] for line in lines]
-
-
-def make_tiny_bert(path: Path, vocab_size: int = 400, hidden: int = 16, layers: int = 2, seed: int = 0) -> Path:
+def make_tiny_bert(path: Path, cola: Path, vocab_size: int = 400, hidden: int = 16, layers: int = 2,
+                   seed: int = 0) -> Path:
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
@@ -26,7 +23,7 @@ def make_tiny_bert(path: Path, vocab_size: int = 400, hidden: int = 16, layers: 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(cola_sentences(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(cola_sentences(cola), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -44,11 +41,7 @@ def make_tiny_bert(path: Path, vocab_size: int = 400, hidden: int = 16, layers: 
     return path
 
 
-if __name__ == "__main__":
-    print(make_tiny_bert(Path(sys.argv[1])))
-
-
-def make_tiny_gpt2(path: Path, vocab_size: int = 300, hidden: int = 16, seed: int = 0) -> Path:
+def make_tiny_gpt2(path: Path, cola: Path, vocab_size: int = 300, hidden: int = 16, seed: int = 0) -> Path:
     """A tiny GPT-2 (byte-level BPE trained on CoLA) whose tokenizer has no pad token."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -57,7 +50,7 @@ def make_tiny_gpt2(path: Path, vocab_size: int = 300, hidden: int = 16, seed: in
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(cola_sentences(), trainers.BpeTrainer(
+    tok.train_from_iterator(cola_sentences(cola), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = GPT2TokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                              unk_token="<|endoftext|>")
@@ -67,3 +60,7 @@ def make_tiny_gpt2(path: Path, vocab_size: int = 300, hidden: int = 16, seed: in
     GPT2LMHeadModel(config).save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+if __name__ == "__main__":
+    print(make_tiny_bert(Path(sys.argv[1]), Path(sys.argv[2])))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from conftest import COLA_DIR, REPO, subprocess_env
+from conftest import REPO, subprocess_env
 
 SHIMS = Path(__file__).resolve().parent
 PORT_BASE = 15000  # distributed_tune.slurm.PORT_BASE: the rendered script's port is base + id % base
@@ -138,12 +138,12 @@ def flat(log: str) -> str:
     return " ".join(log.split())
 
 
-def write_job_config(path: Path, tiny_model: Path, cache_dir: Path, **train: object) -> Path:
-    """A tiny, fast job: the tiny BERT on the real CoLA files, losses logged every step."""
+def write_job_config(path: Path, tiny_model: Path, cache_dir: Path, cola_dir: Path, **train: object) -> Path:
+    """A tiny, fast job: the tiny BERT on the test's CoLA files, losses logged every step."""
     cfg = {
         "seed": 7,
         "model": {"name": str(tiny_model)},
-        "data": {"source": str(COLA_DIR), "cache_dir": str(cache_dir)},
+        "data": {"source": str(cola_dir), "cache_dir": str(cache_dir)},
         "train": {"epochs": 1, "max_steps": 40, "global_batch_size": 16, "micro_batch_size": 8, "lr": 1e-3,
                   "log_every": 1, "eval_every": 0, "checkpoint_every": 10, "keep_checkpoints": 2, **train},
         "distributed": {"timeout_s": 60},

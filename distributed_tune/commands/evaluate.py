@@ -1,0 +1,288 @@
+"""Score a trained model on its task's evaluation sets (or your own CoLA-format TSVs).
+
+    python -m distributed_tune evaluate runs/cola_bert_base              # a run directory
+    python -m distributed_tune evaluate path/to/save_pretrained_folder data.source=/data/cola
+    python -m distributed_tune evaluate runs/x --tsv my_sentences.tsv     # -> runs/x/eval/my_sentences/
+    accelerate launch --multi_gpu --num_processes 2 -m distributed_tune evaluate runs/x
+
+A run directory is scored with its `model/` folder and its own config.yaml (task, data.source,
+max_length, padding), read like any config; `key=value` overrides change it (e.g. data.source=).
+A bare save_pretrained folder is scored on the task its training_info.json names (else `task=`,
+default cola). Splits: the task's evaluation splits (CoLA: in-domain, out-of-domain and both
+together), or one split per --tsv file (named after the file) plus `combined`. Prints the task's
+metrics, the confusion matrix and, for CoLA, a per-source-book breakdown; writes `metrics.json`
+and `predictions.jsonl` to --out (default RUN/eval, or RUN/eval/<tsv names> for --tsv files).
+Under several processes each example is predicted on one process and gathered exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed_tune.config import Config, load_config
+from distributed_tune.errors import ConfigError, DataError, ModelError, RunDirError
+from distributed_tune.files import atomic_write_json, atomic_write_jsonl
+
+COMBINED_TSV = "combined"
+EVAL_BATCH = 128  # evaluation.EVAL_BATCH: the training loop's batches, the same floating-point sums
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the user pointed at: the model folder, the run (if any) and its config."""
+
+    model_dir: Path
+    run_dir: Path | None
+    cfg: Config
+
+    @property
+    def training_info(self) -> dict[str, Any] | None:
+        path = self.model_dir / "training_info.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resolve_target(path: str, overrides: list[str]) -> Target:
+    """A run directory (RUN/model + RUN/config.yaml) or a save_pretrained folder (config.json)."""
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file():
+        run_dir = p.parent if p.name == "model" and (p.parent / "config.yaml").is_file() else None
+        if run_dir is not None:
+            return Target(p, run_dir, load_config(run_dir / "config.yaml", overrides))
+        info_path = p / "training_info.json"
+        task = json.loads(info_path.read_text()).get("task") if info_path.is_file() else None
+        return Target(p, None, load_config(None, ([f"task={task}"] if task else []) + overrides))
+    if (p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file():
+        if not (p / "model" / "config.json").is_file():
+            raise RunDirError(
+                f"{p}: run directory without a model/ folder (the run has not finished or failed); "
+                "evaluate a finished run or a save_pretrained folder"
+            )
+        return Target(p / "model", p, load_config(p / "config.yaml", overrides))
+    raise ModelError(
+        f"{p}: neither a run directory (config.yaml + model/) nor a save_pretrained folder "
+        "(config.json + weights); pass one of those"
+    )
+
+
+def load_trained(target: Target, label_names: tuple[str, ...] | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, fp32; tokenizer) from the target's model folder; the model's labels
+    must be the task's."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from distributed_tune.config import ModelConfig
+    from distributed_tune.model import load_tokenizer, quiet_transformers
+
+    tokenizer = load_tokenizer(ModelConfig(name=str(target.model_dir)))
+    try:
+        with quiet_transformers():
+            # fp32 whatever the saved dtype: CPU-safe and exact.
+            model = AutoModelForSequenceClassification.from_pretrained(target.model_dir, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{target.model_dir}: cannot load the model ({reason}); "
+                         "pass a save_pretrained folder with config.json and weights") from None
+    task = target.cfg.task_spec
+    outputs = 1 if task.regression else len(label_names or task.label_names)
+    if model.config.num_labels != outputs:
+        raise ModelError(f"{target.model_dir}: the model has {model.config.num_labels} outputs; task={task.name} "
+                         f"needs {outputs}; pass task= for the task it was trained on")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def eval_accelerator() -> Any:
+    """One process: `SingleProcess`. Under `accelerate launch` / `torchrun`: an Accelerator for
+    inference (gloo on CPU) that must see the launcher's world size."""
+    from distributed_tune.distributed import check_world_size, cuda_available, env_world_size
+    from distributed_tune.evaluation import SingleProcess
+
+    if env_world_size() == 1:
+        return SingleProcess()
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cpu = not cuda_available()
+    pg = InitProcessGroupKwargs()
+    if cpu:
+        pg.backend = "gloo"
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[pg])
+    check_world_size(accelerator)
+    return accelerator
+
+
+def load_examples(target: Target, tsv: list[str]) -> tuple[list[Any], tuple[str, ...], str]:
+    """(examples, label names, description of the data)."""
+    task = target.cfg.task_spec
+    if tsv:
+        from distributed_tune.tasks.cola import LABELS, read_tsv
+
+        if task.name != "cola":
+            raise ConfigError(f"--tsv reads CoLA-format files; for task={task.name} point data.source= (GLUE) or "
+                              "data.validation_file= (custom) at your file")
+        examples: list[Any] = []
+        seen: dict[str, str] = {}
+        for name in tsv:
+            path = Path(name).expanduser()
+            if path.stem == COMBINED_TSV and len(tsv) > 1:
+                raise DataError(f"--tsv {name}: '{COMBINED_TSV}' names the union of several files; rename the file")
+            if path.stem in seen:
+                raise DataError(f"--tsv {name}: split name '{path.stem}' is already used by {seen[path.stem]}; "
+                                "rename one of the files (the split is the file name without extension)")
+            seen[path.stem] = name
+            examples += read_tsv(path, path.stem)
+        return examples, LABELS, ", ".join(tsv)
+    data = task.read(target.cfg.data)
+    source = target.cfg.data.source or target.cfg.data.validation_file
+    return data.eval, data.label_names, str(source)
+
+
+def score_examples(target: Target, examples: list[Any], label_names: tuple[str, ...], tsv: bool,
+                   accelerator: Any, batch_size: int) -> tuple[dict[str, Any], Any]:
+    """Predict every example once (all processes); (metrics, outputs) on every process."""
+    import numpy as np
+
+    from distributed_tune.config import pad_multiple
+    from distributed_tune.data import tokenize
+    from distributed_tune.evaluation import metrics_by_source, predict_distributed, predictions
+    from distributed_tune.metrics import score, score_splits
+
+    task = target.cfg.task_spec
+    model, tokenizer = load_trained(target, label_names)
+    model.to(accelerator.device)
+    cache = Path(target.cfg.data.cache_dir).expanduser()
+    with accelerator.main_process_first():  # the others read the tokenized cache it writes
+        data = tokenize(examples, tokenizer, target.cfg.data.max_length, cache, task.regression)
+    # The run's own padding, so that evaluate repeats the training loop's arithmetic.
+    outputs = predict_distributed(accelerator, model, data, batch_size, pad_multiple(target.cfg), task.regression)
+    preds = predictions(task, outputs)
+    splits = [e.split for e in examples]
+    n = len(label_names) or 1
+    if tsv:
+        metrics = {s: score(task, data.labels[np.asarray(splits) == s], preds[np.asarray(splits) == s], n)
+                   for s in dict.fromkeys(splits)}
+        if len(metrics) > 1:
+            metrics[COMBINED_TSV] = score(task, data.labels, preds, n)
+    else:
+        metrics = score_splits(task, data.labels, preds, splits, n)
+    by_source = {}
+    if any(e.source for e in examples) and not task.regression:
+        for split in dict.fromkeys(splits):
+            rows = [i for i, s in enumerate(splits) if s == split]
+            by_source[split] = metrics_by_source(data.labels[rows], preds[rows], [examples[i].source for i in rows])
+    return {"splits": metrics, "by_source": by_source}, outputs
+
+
+def run_logged_eval(target: Target) -> dict[str, Any] | None:
+    """The run's own evaluation of the weights in model/ (the step in training_info.json, else
+    the last one), split -> record; None for a bare model folder."""
+    if target.run_dir is None or not (target.run_dir / "metrics.jsonl").is_file():
+        return None
+    from distributed_tune.metrics import read_metrics
+
+    evals = [r for r in read_metrics(target.run_dir / "metrics.jsonl") if "split" in r]
+    if not evals:
+        return None
+    info = target.training_info or {}
+    step = info.get("optimizer_step", evals[-1]["optimizer_step"])
+    at_step = [r for r in evals if r["optimizer_step"] == step] or evals
+    return {r["split"]: r for r in at_step}
+
+
+def write_outputs(out: Path, result: dict[str, Any], target: Target, label_names: tuple[str, ...],
+                  examples: list[Any], outputs: Any) -> None:
+    from distributed_tune.evaluation import example_fields, prediction_row
+
+    task = target.cfg.task_spec
+    out.mkdir(parents=True, exist_ok=True)
+    # index: the position in the evaluation set (as in the run's predictions.jsonl) or in its TSV file.
+    counters: dict[str, int] = {}
+    rows = []
+    for e, output in zip(examples, outputs):
+        key = e.split if result["tsv"] else "eval"
+        counters[key] = counters.get(key, -1) + 1
+        rows.append(prediction_row(task, label_names, output, **example_fields(counters[key], e, task)))
+    atomic_write_jsonl(out / "predictions.jsonl", rows)
+    atomic_write_json(out / "metrics.json", result)
+
+
+def print_result(result: dict[str, Any], out: Path, target: Target) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    task = target.cfg.task_spec
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    table = Table(title=f"{result['model']} on {result['data']} ({task.name})")
+    metric_cols = list(task.metrics) + ([] if task.regression else ["accuracy"] * ("accuracy" not in task.metrics))
+    cols = ["split", "n", *metric_cols] + (["confusion [[TN, FP], [FN, TP]]" if len(result["labels"]) == 2
+                                              else "confusion (rows: gold)", "collapsed"] if not task.regression
+                                             else ["mse", "collapsed"])
+    for col in cols:
+        table.add_column(col, justify="left" if col == "split" else "right", no_wrap=True)
+    for split, m in result["splits"].items():
+        row = [split, str(m["n"]), *(f"{m[k]:.4f}" for k in metric_cols)]
+        row += [str(m["confusion_matrix"])] if not task.regression else [f"{m['mse']:.4f}"]
+        row.append("YES" if m["collapsed"] else "no")
+        table.add_row(*row)
+    console.print(table)
+    if any(m["collapsed"] for m in result["splits"].values()):
+        console.print("collapsed: the model predicts a single class (or a constant) on a split")
+    if result["by_source"]:
+        sources = Table(title="per source publication", caption="MCC '-': one class only (gold or predicted)")
+        for col in ("split", "source", "n", "accuracy", "MCC"):
+            sources.add_column(col, justify="left" if col in ("split", "source") else "right", no_wrap=True)
+        for split, by in result["by_source"].items():
+            for source, m in by.items():
+                mcc = "-" if m["mcc"] is None else f"{m['mcc']:.4f}"
+                sources.add_row(split, source or "(none)", str(m["n"]), f"{m['accuracy']:.4f}", mcc)
+        console.print(sources)
+    logged = result.get("run_logged")
+    main, split = task.main_metric, task.selection_split
+    if logged and split in logged and split in result["splits"] and main in logged[split]:
+        console.print(f"the run logged {split} {main} {logged[split][main]:.4f} at optimizer step "
+                      f"{logged[split]['optimizer_step']}; this evaluation: {result['splits'][split][main]:.4f}")
+    console.print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m distributed_tune evaluate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("target", metavar="RUN_DIR_OR_MODEL_FOLDER")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides, e.g. data.source=/data/cola (default: the run's own config)")
+    ap.add_argument("--tsv", nargs="+", default=[], metavar="FILE",
+                    help="CoLA-format TSV files (source, label, mark, sentence) instead of the dev sets")
+    ap.add_argument("--out", help="output folder (default: RUN/eval, or RUN/eval/<tsv names> with --tsv)")
+    ap.add_argument("--batch-size", type=int, default=EVAL_BATCH, help=f"examples per forward pass ({EVAL_BATCH})")
+    return ap
+
+
+def run(argv: list[str]) -> int:
+    args = parser().parse_intermixed_args(argv)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} must be at least 1")
+    target = resolve_target(args.target, args.overrides)
+    accelerator = eval_accelerator()
+    with accelerator.main_process_first():  # one process downloads / unpacks; the others read its cache
+        examples, label_names, described = load_examples(target, args.tsv)
+    result, outputs = score_examples(target, examples, label_names, bool(args.tsv), accelerator, args.batch_size)
+    if accelerator.is_main_process:
+        base = target.run_dir or target.model_dir
+        default = base / "eval" / "+".join(Path(t).stem for t in args.tsv) if args.tsv else base / "eval"
+        out = Path(args.out).expanduser() if args.out else default
+        result = {
+            "model": str(target.model_dir), "run_dir": str(target.run_dir) if target.run_dir else None,
+            "task": target.cfg.task, "labels": list(label_names), "training_info": target.training_info,
+            "data": described, "tsv": bool(args.tsv), "world_size": accelerator.num_processes,
+            "batch_size": args.batch_size, **result, "run_logged": run_logged_eval(target),
+        }
+        write_outputs(out, result, target, label_names, examples, outputs)
+        print_result(result, out, target)
+    accelerator.wait_for_everyone()
+    return 0

@@ -1,0 +1,123 @@
+"""What a finished (or running) run achieved, read from its metrics.jsonl, and the statistics of
+several runs (seeds of one setting). Pure: no torch.
+
+    r = run_result(run_dir, task, label="seed 42")     # selected and final values, collapsed flags
+    stats(r.selected for r in results)                # mean, sample std, median, min, max
+
+Two numbers per run, both on the task's main metric of its selection split (CoLA: dev MCC):
+  * selected: the best evaluation's value, the model kept in model/. Chosen on the data it is
+    reported on, it is optimistic (part of its lead is selection luck);
+  * final: the last evaluation's value, an honest estimate.
+With data.heldout_fraction the best evaluation is chosen on a held-out slice of train; the
+report value `selected_dev` is then the dev metric at that step, honest too.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed_tune.data import HELDOUT
+from distributed_tune.metrics import read_metrics
+from distributed_tune.tasks import Task
+
+
+@dataclass(frozen=True)
+class RunResult:
+    label: str
+    status: str  # done | incomplete | missing
+    selection_split: str = ""
+    best_value: float | None = None  # on the selection split (dev, or heldout)
+    best_step: int | None = None
+    best_collapsed: bool | None = None
+    final_value: float | None = None  # the last evaluation, on the task's own selection split
+    final_step: int | None = None
+    final_collapsed: bool | None = None
+    selected_dev: float | None = None  # the task's split at best_step (== best_value without heldout)
+    splits_at_best: dict[str, float] | None = None  # every split's main metric at best_step
+    evaluations: int = 0
+    first_non_collapsed_step: int | None = None
+
+
+def run_result(run_dir: Path, task: Task, label: str = "") -> RunResult:
+    """The best and the last evaluation among a run's metrics records (the earliest step on ties)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return RunResult(label or run_dir.name, "missing")
+    records = read_metrics(path)
+    return result_from_records(records, task, label or run_dir.name)
+
+
+def result_from_records(records: list[dict[str, Any]], task: Task, label: str) -> RunResult:
+    metric, split = task.main_metric, task.selection_split
+    finished = any(r.get("event") == "finished" for r in records)
+    status = "done" if finished else "incomplete"
+    evals = [r for r in records if "split" in r and r.get(metric) is not None]
+    heldout = any(r["split"] == HELDOUT for r in evals)
+    selection = HELDOUT if heldout else split
+    chosen = [r for r in evals if r["split"] == selection]
+    reported = [r for r in evals if r["split"] == split]
+    if not chosen:
+        return RunResult(label, status, selection)
+    best = max(chosen, key=lambda r: (r[metric], -r["optimizer_step"]))
+    last = reported[-1] if reported else None
+    at_best = {r["split"]: r[metric] for r in evals if r["optimizer_step"] == best["optimizer_step"]}
+    first_ok = next((r["optimizer_step"] for r in chosen if not r.get("collapsed")), None)
+    return RunResult(
+        label, status, selection,
+        best_value=float(best[metric]), best_step=int(best["optimizer_step"]),
+        best_collapsed=bool(best.get("collapsed", False)),
+        final_value=float(last[metric]) if last else None, final_step=int(last["optimizer_step"]) if last else None,
+        final_collapsed=bool(last.get("collapsed", False)) if last else None,
+        selected_dev=at_best.get(split), splits_at_best=at_best, evaluations=len(chosen),
+        first_non_collapsed_step=first_ok,
+    )
+
+
+def stats(values: Iterable[float | None]) -> dict[str, Any]:
+    """Mean, sample std (ddof=1), median, min and max of the values that exist."""
+    xs = [v for v in values if v is not None]
+    return {
+        "n": len(xs),
+        "mean": statistics.fmean(xs) if xs else None,
+        "std": statistics.stdev(xs) if len(xs) > 1 else None,
+        "median": statistics.median(xs) if xs else None,
+        "min": min(xs) if xs else None,
+        "max": max(xs) if xs else None,
+    }
+
+
+def summarize(results: list[RunResult]) -> dict[str, Any]:
+    """Statistics of the selected and the final values over runs, and how many collapsed."""
+    scored = [r for r in results if r.best_value is not None]
+    return {
+        "runs": len(results),
+        "scored": len(scored),
+        "selected": stats(r.best_value for r in scored),
+        "final": stats(r.final_value for r in scored),
+        "selected_dev": stats(r.selected_dev for r in scored),
+        "collapsed_selected": sum(bool(r.best_collapsed) for r in scored),
+        "collapsed_final": sum(bool(r.final_collapsed) for r in scored),
+        "unscored": [r.label for r in results if r.best_value is None],
+    }
+
+
+def honest(summary: dict[str, Any], heldout: bool) -> dict[str, Any]:
+    """The statistics to compare settings by: the dev value at the held-out selection, else the
+    final value (never the dev-selected one)."""
+    return summary["selected_dev"] if heldout else summary["final"]
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def describe(s: dict[str, Any]) -> str:
+    """'0.3120 ± 0.0210 (median 0.3040, 0.2690..0.3290)'."""
+    if not s["n"]:
+        return "-"
+    std = "n/a" if s["std"] is None else fmt(s["std"])
+    return f"{fmt(s['mean'])} ± {std} (median {fmt(s['median'])}, {fmt(s['min'])}..{fmt(s['max'])})"

@@ -1,0 +1,154 @@
+"""The task seam: what a task is, and the examples every task hands to the rest of the package.
+
+A `Task` says where its data comes from (`load`), its text fields (one sentence or a pair), its
+labels (names, or regression), its evaluation splits, its metrics and the metric that picks the
+best model. The loop, sharding, the exactly-once gather, checkpoints and every command speak to
+this seam only. Add a task: write a `Task(...)` with a loader in a module of this package and
+list it in `tasks/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distributed_tune.errors import DataError
+from distributed_tune.files import not_utf8
+
+if TYPE_CHECKING:  # config imports the task registry; tasks need its types only
+    from distributed_tune.config import DataConfig
+
+Label = int | float | None  # a class index, a regression target, or None (unlabeled test row)
+
+
+@dataclass(frozen=True)
+class Example:
+    text: tuple[str, ...]  # (sentence,) or (first, second) for pair tasks
+    label: Label
+    split: str  # the split it belongs to: train, in_domain_dev, validation_matched, ...
+    source: str = ""  # CoLA: the publication code (column 1); otherwise ""
+    idx: int = -1  # the row's own id where the file has one (GLUE test index), else its position
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task's examples, loaded and validated."""
+
+    train: list[Example]
+    eval: list[Example]  # every evaluation example, grouped by split in `Task.eval_splits` order
+    test: dict[str, list[Example]]  # unlabeled test splits by name (GLUE submissions); may be empty
+    label_names: tuple[str, ...]  # () for regression
+    fingerprint: dict[str, str]  # file (or hub id) -> sha256, recorded in the run directory
+
+    def counts(self) -> dict[str, int]:
+        out = {"train": len(self.train), "eval": len(self.eval)}
+        for e in self.eval:
+            out[e.split] = out.get(e.split, 0) + 1
+        return out
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    text_fields: tuple[str, ...]  # field names, as the `datasets` hub copy spells them
+    label_names: tuple[str, ...]  # () for regression (one output) and for custom tasks (read from the data)
+    eval_splits: tuple[str, ...]  # evaluated (and reported) every evaluation
+    metrics: tuple[str, ...]  # metric names (metrics.py), the first one selects the best model
+    selection_split: str  # the split whose first metric picks the best model and drives early stopping
+    load: Callable[[Task, DataConfig], TaskData]  # use `read`
+    default_source: str | None = None  # data.source when the config leaves it null
+    combined_split: str | None = None  # a split of all eval examples together (CoLA's `dev`)
+    regression: bool = False  # one output trained with MSE (STS-B), not classes
+    submission: dict[str, str] = field(default_factory=dict)  # test split -> GLUE submission file
+    description: str = ""
+
+    @property
+    def main_metric(self) -> str:
+        return self.metrics[0]
+
+    def read(self, cfg: DataConfig) -> TaskData:
+        """Load and validate this task's data from `cfg.source` (files, URL, hub)."""
+        return self.load(self, cfg)
+
+    def reported_splits(self) -> tuple[str, ...]:
+        return self.eval_splits + ((self.combined_split,) if self.combined_split else ())
+
+
+# --------------------------------------------------------------------------- reading helpers
+
+
+def read_text(path: Path) -> str:
+    """A whole file as UTF-8; a wrong encoding is one line that names the file and the byte."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(not_utf8(path, e)) from None
+
+
+def read_rows(path: Path, delimiter: str, header: bool) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
+    """(header or None, [(line number, columns)]) of a delimited file, quotes kept as text for
+    tabs (GLUE's and CoLA's TSVs are not quoted) and honoured for commas (CSV)."""
+    text = read_text(path)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+    rows = [(n, row) for n, row in enumerate(reader, 1) if row]
+    if not rows:
+        raise DataError(f"{path}: file is empty")
+    if not header:
+        return None, rows
+    return rows[0][1], rows[1:]
+
+
+def column(path: Path, head: list[str], name: str) -> int:
+    """The index of column `name` in a header, or one line naming the columns that exist."""
+    if name not in head:
+        raise DataError(f"{path}:1: no column {name!r} (columns: {', '.join(head)})")
+    return head.index(name)
+
+
+def check_text(path: Path, line: int, text: str) -> str:
+    if not text.strip():
+        raise DataError(f"{path}:{line}: empty text; fix or remove the line")
+    return text
+
+
+def class_label(path: Path, line: int, raw: str, names: tuple[str, ...]) -> int:
+    """A label written as its name or as its index."""
+    if raw in names:
+        return names.index(raw)
+    if raw.isdigit() and int(raw) < len(names):
+        return int(raw)
+    raise DataError(f"{path}:{line}: label {raw!r} is not one of {', '.join(names)} (or 0..{len(names) - 1})")
+
+
+def float_label(path: Path, line: int, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DataError(f"{path}:{line}: label {raw!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise DataError(f"{path}:{line}: label {raw!r} is not a finite number")
+    return value
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise DataError(message)
+
+
+def records_from_hub(rows: Any, fields: tuple[str, ...], split: str, regression: bool) -> list[Example]:
+    """`datasets` rows (dicts) -> Examples; test rows carry label -1 on the hub: None here."""
+    out = []
+    for i, r in enumerate(rows):
+        label = r["label"]
+        if regression:
+            value: Label = float(label)
+        else:
+            value = None if int(label) < 0 else int(label)
+        out.append(Example(tuple(str(r[f]) for f in fields), value, split, "", int(r.get("idx", i))))
+    return out
