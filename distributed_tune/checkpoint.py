@@ -206,7 +206,14 @@ def check_resumable(ckpt: Path, state: dict[str, Any], cfg: Config, world_size: 
         def show(v: Any) -> str:
             return json.dumps(v) if not isinstance(v, str) else v
 
-        diffs = "; ".join(f"{k}: {show(saved[k])} in the checkpoint, {show(now[k])} now" for k in changed)
+        def diff(k: str) -> str:
+            if k != "data.sha256":
+                return f"{k}: {show(saved[k])} in the checkpoint, {show(now[k])} now"
+            files = sorted(set(saved[k]) | set(now[k]))
+            return "; ".join(f"data file {f}: sha256 {saved[k].get(f, 'none')[:12]}... in the checkpoint, "
+                             f"{now[k].get(f, 'none')[:12]}... now" for f in files if saved[k].get(f) != now[k].get(f))
+
+        diffs = "; ".join(diff(k) for k in changed)
         raise RunDirError(
             f"{ckpt} cannot be resumed with a changed recipe ({diffs}); resume with the run's own settings "
             "(its config.yaml), or start a new run in another output_dir"
@@ -224,15 +231,23 @@ def check_resumable(ckpt: Path, state: dict[str, Any], cfg: Config, world_size: 
 
 
 def check_output_dir(run_dir: Path) -> None:
-    """Fail before anything loads if output_dir cannot be a writable folder."""
+    """Fail before anything loads if output_dir cannot be a writable folder (a file, under a file, a
+    folder this user cannot write, a read-only file system): a probe file is created and removed in
+    the nearest existing folder."""
+    import tempfile
+
     for parent in [run_dir, *run_dir.parents]:
         if parent.exists():
             if not parent.is_dir():
                 what = "is a file" if parent == run_dir else f"is under {parent}, which is a file"
                 raise RunDirError(f"output_dir={run_dir} {what}; choose a folder path for output_dir")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise RunDirError(f"output_dir={run_dir}: no permission to write in {parent}; choose another "
-                                  "output_dir or fix the permissions")
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".dt-write-probe-", dir=parent)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                raise RunDirError(f"output_dir={run_dir}: cannot write in {parent} ({e.strerror}); choose another "
+                                  "output_dir or fix the permissions") from None
             return
 
 

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
-            print("\ninterrupted (Ctrl-C) before training started: nothing was saved", file=sys.stderr)
+            print("\ninterrupted (Ctrl-C): stopped at once; completed checkpoints are kept (resume with --resume)",
+                  file=sys.stderr)
         return 130
     except BrokenPipeError:  # `... | head`: the reader left; nothing more to say
         devnull = os.open(os.devnull, os.O_WRONLY)

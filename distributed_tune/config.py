@@ -121,7 +121,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many of the newest complete checkpoints to keep."""
     compile: bool = False
-    """torch.compile the model (CUDA: worth it for long runs; each new batch width compiles once)."""
+    """torch.compile the training forward/backward (the batch widths of the run are compiled before
+    the clock starts: metrics.jsonl's train_summary reports that warm-up apart)."""
+    cuda_graphs: bool = False
+    """Also capture each compiled step in a CUDA graph (torch.compile mode reduce-overhead): no
+    per-kernel launch cost. One CUDA process, no DeepSpeed."""
 
 
 @dataclass(frozen=True)
@@ -551,6 +555,9 @@ def validate(cfg: Config) -> None:
             f"distributed.offload_params=cpu needs distributed.zero_stage=3 (now {d.zero_stage}); "
             "parameter offload exists only in ZeRO-3"
         )
+    if (t.compile or t.cuda_graphs) and d.zero_stage is not None:
+        raise ConfigError(f"train.compile / train.cuda_graphs with distributed.zero_stage={d.zero_stage}: DeepSpeed "
+                          "runs its own engine; compile without DeepSpeed (distributed.zero_stage=null)")
     for name in cfg.report_to:
         if name not in TRACKERS:
             raise ConfigError(f"report_to: {name!r} is not a tracker; use none or a list of {', '.join(TRACKERS)}")

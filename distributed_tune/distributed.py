@@ -201,12 +201,18 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     }
 
 
-def check_hardware(cfg: Config) -> None:
+def check_hardware(cfg: Config, world_size: int | None = None) -> None:
     """Combinations that cannot run on this machine, checked before anything starts."""
     if cfg.precision == "fp16" and not cuda_available():
         raise ConfigError(
             "precision=fp16 needs a CUDA device and none is visible; use precision=bf16 or fp32 on CPU"
         )
+    if cfg.train.cuda_graphs and not cuda_available():
+        raise ConfigError("train.cuda_graphs=true needs a CUDA device and none is visible; use train.compile=true "
+                          "(or neither) on CPU")
+    if cfg.train.cuda_graphs and (world_size or env_world_size()) > 1:
+        raise ConfigError("train.cuda_graphs=true runs one process (a graph cannot hold the data-parallel "
+                          "all-reduce); use train.compile=true with several processes")
 
 
 def check_rendered_deepspeed_file(ds_config: dict[str, Any]) -> None:

@@ -39,6 +39,8 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
         os.replace(tmp, path)
+    except OSError as e:  # name the file the caller meant (a write error carries no file name)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from distributed_tune.config import ModelConfig, TrainConfig
 from distributed_tune.errors import ModelError
@@ -32,10 +33,13 @@ def _reason(e: Exception) -> str:
 
 
 def _load_error(cfg: ModelConfig, what: str, e: Exception) -> ModelError:
-    if Path(cfg.name).expanduser().exists() or cfg.name.startswith((".", "/", "~")):
+    folder = Path(cfg.name).expanduser()
+    if folder.exists() or cfg.name.startswith((".", "/", "~")):
         hint = f"the folder {cfg.name} is not a Hugging Face model folder (config.json and weights)"
-        if not Path(cfg.name).expanduser().exists():
+        if not folder.exists():
             hint = f"the folder {cfg.name} does not exist"
+        elif what == "model weights" and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))):
+            hint = f"a weights file in {cfg.name} cannot be read: truncated or corrupt; copy the model again"
     else:
         hint = (
             f"'{cfg.name}' could not be fetched from the Hugging Face hub (no network, or no such model); "
@@ -143,10 +147,12 @@ def load_model(cfg: ModelConfig, label_names: tuple[str, ...], regression: bool,
                 setattr(mcfg, key, cfg.dropout)
     try:
         with quiet_transformers():
+            # fp32 master weights whatever the checkpoint's dtype (transformers 5 would keep a bf16
+            # checkpoint in bf16); training precision is autocast's / DeepSpeed's business.
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                cfg.name, config=mcfg, use_safetensors=None, ignore_mismatched_sizes=True,
+                cfg.name, config=mcfg, dtype=torch.float32, use_safetensors=None, ignore_mismatched_sizes=True,
                 output_loading_info=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise _load_error(cfg, "model weights", e) from None
     notes = []
     mismatched = sorted(k for k, *_ in info.get("mismatched_keys", ()))

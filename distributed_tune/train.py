@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import shutil
 import signal
@@ -35,8 +36,8 @@ from distributed_tune.config import Config, Derived, derive, dump_resolved
 from distributed_tune.console import Console, duration
 from distributed_tune.data import (
     HELDOUT,
+    Batcher,
     Tokenized,
-    collate,
     global_batches,
     rank_micro_batches,
     split_heldout,
@@ -66,6 +67,7 @@ NO_BAD_STEP = 2**62
 STOPPED = "STOPPED"  # marker: the run stopped for a signal with a checkpoint; a batch script requeues
 # Share of unknown tokens above which a tokenizer is refused (it cannot read the data).
 MAX_UNKNOWN = 0.5
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def micro_batch_seed(seed: int, epoch: int, step: int, micro: int) -> int:
@@ -189,8 +191,12 @@ class Recipe:
         self.flops_per_token = training_flops_per_token(model)
         self.peak_flops = peak_flops(cfg.precision)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(model, cfg.train))
-        # The forward pass of training; the same parameters, compiled when train.compile is on.
-        self.train_forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.batches = Batcher(self.train_data, acc.device, self.derived.pad_to_multiple_of)
+        # The forward pass of training: the same parameters, compiled when train.compile is on
+        # (evaluation runs the model as it is: other shapes, no backward).
+        self.train_forward = self.model
+        if cfg.train.compile or cfg.train.cuda_graphs:
+            self.train_forward = torch.compile(self.model, mode="reduce-overhead" if cfg.train.cuda_graphs else None)
         # After prepare: ZeRO-3 regroups the optimizer's parameters, and the schedule must drive
         # the groups the engine really steps.
         self.scheduler = build_scheduler(self.optimizer, self.derived.warmup_steps, self.derived.total_steps)
@@ -330,6 +336,7 @@ class Recipe:
         self.out.say(f"eval step {p.optimizer_step}: {self.selection_split} {main} {sel[main]:.4f}"
                      + (f" ({', '.join(parts)})" if parts else "") + f"; n={sel['n']}{warn}")
         self.write_predictions(result["outputs"])
+        self.last_outputs = result["outputs"]
 
     def write_predictions(self, outputs: np.ndarray, path: Path | None = None) -> None:
         rows = example_rows(self.task, self.data.label_names, self.dev.examples, outputs)
@@ -356,19 +363,56 @@ class Recipe:
             if not self.setup():
                 return {"optimizer_step": None, "outcome": "already_finished"}
             return self._train()
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            last = checkpoint.latest_good(self.run_dir, warn=lambda _: None)
+            raise RunDirError(
+                f"could not write {e.filename or 'a file'} ({e.strerror}): the disk is full or a file size limit is "
+                f"reached; the newest complete checkpoint ({last or 'none yet'}) is kept; free disk space and "
+                "resume with --resume") from None
         finally:
             self.out.close()
             signals.training = False
             if self.lock is not None:
                 self.lock.release()
 
+    def warm_up(self) -> float:
+        """Compile (and with CUDA graphs, record) the step for every batch width the run will see,
+        before the clock starts: forward and backward on real batches of each width, gradients
+        dropped, no optimizer step. Every rank runs the same widths in the same order (the union
+        over ranks), so the data-parallel all-reduces pair up. Returns the seconds it took."""
+        if self.train_forward is self.model:
+            return 0.0
+        t0 = time.perf_counter()
+        d, acc, cfg = self.derived, self.accelerator, self.cfg
+        first: dict[int, np.ndarray] = {}
+        for epoch in range(self.progress.epoch, cfg.train.epochs):
+            batches = global_batches(self.train_data.lengths, d.global_batch_size, cfg.seed, epoch,
+                                     cfg.data.length_grouping)
+            for batch in batches:
+                for micro in np.split(batch, d.world_size * d.gradient_accumulation_steps):
+                    first.setdefault(self.batches.width(micro), micro)
+        for width in sorted(first):
+            for _ in range(3):  # CUDA graph trees record on the second call and replay from the third
+                acc.backward(self.train_forward(**self.batches(first[width])).loss)
+                self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        self.out.say(f"compiled the step for {len(first)} batch widths ({', '.join(map(str, sorted(first)))}) "
+                     f"in {seconds:.1f} s (not counted as training time)")
+        return seconds
+
     def _train(self) -> dict[str, Any]:
         p, d = self.progress, self.derived
+        self.model.train()  # from_pretrained returns a model in eval mode; compile it as it trains
+        self.warmup_seconds = self.warm_up()
         self.window = Window(self.accelerator.device)
         self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=self.accelerator.device)
         self.last_eval_step = -1
+        self.last_outputs: np.ndarray | None = None
         self.eval_seconds = 0.0
-        self.model.train()
         signals.training = True
         outcome = "done"
         while p.optimizer_step < d.total_steps and p.epoch < self.cfg.train.epochs:
@@ -384,7 +428,9 @@ class Recipe:
         if self.last_eval_step != p.optimizer_step:
             self.after_evaluation(self.evaluate())
         if not self.cfg.train.select_best or not (self.run_dir / "model").exists():
-            self.save_model(reason="final")
+            out = self.save_model(reason="final")
+            if self.is_main and self.last_outputs is not None:  # the exported model's own predictions
+                self.write_predictions(self.last_outputs, path=out / "dev_predictions.jsonl")
         self.accelerator.wait_for_everyone()
         # The last line of a complete run (a sweep tells finished runs from interrupted ones by it).
         self.log.write({"event": "finished", "outcome": outcome, "optimizer_step": p.optimizer_step,
@@ -407,9 +453,7 @@ class Recipe:
             seen.append(index)
             # Dropout masks depend on (seed, epoch, step, micro-batch), not on rank or layout.
             torch.manual_seed(micro_batch_seed(cfg.seed, p.epoch, step_in_epoch, (i % accum) * world + rank))
-            batch = collate(self.train_data, index, d.pad_to_multiple_of)
-            del batch["index"]
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            batch = self.batches(index)
             with acc.accumulate(self.model):
                 loss = self.train_forward(**batch).loss
                 acc.backward(loss)
@@ -580,10 +624,10 @@ class Recipe:
         self.log.write({"event": "train_summary", "optimizer_step": self.progress.optimizer_step,
                         "optimizer_steps": int(micro / (d.world_size * d.gradient_accumulation_steps)),
                         "samples": int(samples), "train_seconds": round(w.train_seconds, 3),
-                        "eval_seconds": round(self.eval_seconds, 3),
+                        "eval_seconds": round(self.eval_seconds, 3), "warmup_seconds": round(self.warmup_seconds, 3),
                         "samples_per_s": samples / w.train_seconds, "tokens_per_s": real / w.train_seconds,
                         "padding_fraction": 1.0 - real / padded, "world_size": d.world_size,
-                        **self._device_stats(real / w.train_seconds)})
+                        "skipped_steps": self.progress.skipped_steps, **self._device_stats(real / w.train_seconds)})
         self.out.say(f"trained {int(samples)} samples in {w.train_seconds:.1f} s: {samples / w.train_seconds:.1f} "
                      f"samples/s, {real / w.train_seconds:.0f} tokens/s, padding {1.0 - real / padded:.1%}")
 

@@ -51,6 +51,16 @@ def test_an_encoder_without_a_head_gets_one_quietly(tiny_model: Path, tmp_path: 
     assert "LOAD REPORT" not in out + err and "Loading weights" not in out + err
 
 
+def test_a_half_precision_checkpoint_trains_from_fp32_weights(tiny_model: Path, tmp_path: Path) -> None:
+    """transformers 5 keeps a checkpoint's dtype; the master weights must be fp32 all the same."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path)
+    model, _ = load(ModelConfig(name=str(tmp_path)))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_max_length_beyond_the_models_positions_is_refused(tiny_model: Path) -> None:
     with pytest.raises(ModelError, match=r"data.max_length=256 is more than model.name=.* takes \(128 positions\); "
                                          r"set data.max_length=128 or less"):

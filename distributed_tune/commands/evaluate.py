@@ -73,6 +73,7 @@ def load_trained(target: Target, label_names: tuple[str, ...] | None = None) -> 
     """(model in eval mode, fp32; tokenizer) from the target's model folder; the model's labels
     must be the task's."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     from distributed_tune.config import ModelConfig
@@ -83,7 +84,7 @@ def load_trained(target: Target, label_names: tuple[str, ...] | None = None) -> 
         with quiet_transformers():
             # fp32 whatever the saved dtype: CPU-safe and exact.
             model = AutoModelForSequenceClassification.from_pretrained(target.model_dir, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"{target.model_dir}: cannot load the model ({reason}); "
                          "pass a save_pretrained folder with config.json and weights") from None
