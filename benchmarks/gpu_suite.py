@@ -195,7 +195,7 @@ class Suite:
         model = build_model(self.work / "bert-base-random", str(self.args.data), self.work / "cache-real",
                             1 if self.args.smoke else 12)
         self.bench("speed", "Speed: BERT-base-sized random weights, CoLA, 3 epochs, batch 32, bf16", str(model),
-                   ["ours", "trainer", "pad128"], self.variants(), lr=5e-5)
+                   ["ours", "trainer", "pad128"], [*self.variants(), "foreach-adamw:train.fused_adamw=false"], lr=5e-5)
 
     def mcc(self) -> None:
         self.bench("mcc", "Dev MCC: all-MiniLM-L6-v2 (pretrained), CoLA, 3 epochs, batch 32, bf16, lr 1e-4",
