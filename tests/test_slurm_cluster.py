@@ -432,14 +432,16 @@ def test_sweep_array_requeues_only_the_preempted_task(workdir: Path, job_config:
 def test_single_node_script_on_a_cpu_partition(reference: dict, workdir: Path, job_config: Path, jobs: list[str],
                                                say: Callable[[str], None]) -> None:
     """(f) The README's `sbatch --gpus-per-node=0 --cpus-per-task=2 launch/single_node.sbatch CONFIG`:
-    2 CPU processes; preempted by USR1 it requeues and resumes (its launcher must not die of the
-    signal) and ends with the submitted job's losses, bit for bit."""
+    2 CPU processes. Warned the moment it starts (as with --time <= lead + 30 s), before any
+    training process listens: the processes learn it from the stop file, stop at their first check,
+    save; the job requeues (its launchers must not die of the signal), resumes, and ends with the
+    submitted job's losses, bit for bit."""
     run_dir = workdir / "runs" / "single_node"
     job = sbatch(["sbatch", "--gpus-per-node=0", "--cpus-per-task=2", f"--partition={PARTITION}", "--time=10",
                   str(REPO / "launch" / "single_node.sbatch"), str(job_config), "output_dir=runs/single_node"],
                  workdir, jobs)
     watch = Watch(job)
-    wait_for_steps(run_dir, watch, 5)
+    watch.until_state("RUNNING")
     usr1(job)
     watch.release_after_requeue()
     record = watch.until(finished, "finished")
@@ -451,8 +453,11 @@ def test_single_node_script_on_a_cpu_partition(reference: dict, workdir: Path, j
     for restart in (0, 1):
         assert f"job {job} (restart {restart}) on {record['NodeList']}: 2 process(es)" in out
     (k,) = stopped_at(err)
+    assert k == 10, k  # the first check: the warning was there before the training started
+    assert out.index("USR1: the training stops") < out.index("wrote ") < out.index("job step exited with status 0")
     assert_clean(out, re.sub(rf"slurmstepd.*JOB {job} ON .* CANCELLED AT .* DUE TO JOB REQUEUE \*\*\*\n", "", err))
     dev = final_dev(run_dir)
     assert (dev["world_size"], dev["n"]) == (2, 1043)
     assert losses_by_step(run_dir) == losses_by_step(reference["run_dir"])
-    say(f"    2 processes, preempted at optimizer step {k}, resumed; losses equal to the submitted job's")
+    say(f"    2 processes, warned at the start, stopped at optimizer step {k}, resumed; losses equal to the "
+        "submitted job's")
