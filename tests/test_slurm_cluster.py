@@ -1,7 +1,7 @@
 """Our SLURM scripts on a real one-node cluster, through our commands and the README's.
 
-    bash .ci/with-slurm.sh python -m pytest -q tests/test_slurm_cluster.py     # ~5 min on 2 cores
-    eval "$(.ci/slurm-up.sh /tmp/dt-slurm)"; python -m pytest -q tests/test_slurm_cluster.py
+    bash .ci/with-slurm.sh python -m pytest -q tests/test_slurm_cluster.py     # ~4 min on 2 cores
+    eval "$(.ci/slurm-up.sh /tmp/dt-slurm)"; python -m pytest -q tests/test_slurm_cluster.py   # then .ci/slurm-down.sh /tmp/dt-slurm
 
 Skipped, with the reason, when no cluster answers (SLURM_CONF unset, `sinfo` missing or failing,
 no `cpu` partition with 2 CPUs); .ci/slurm-up.sh brings one up (slurm-wlm 22.05 + munge, partition
@@ -43,8 +43,11 @@ CRASH_MARKS = ("Traceback", "SignalException", "FAILED", "Killed", "forcing job 
 
 def cluster_problem() -> str | None:
     """Why the tests cannot run here, or None when a cluster with a usable `cpu` partition answers."""
-    if not os.environ.get("SLURM_CONF"):
+    conf = os.environ.get("SLURM_CONF")
+    if not conf:
         return "SLURM_CONF is not set (bash .ci/with-slurm.sh CMD brings a one-node cluster up)"
+    if not Path(conf).is_file():
+        return f"SLURM_CONF={conf} is not a file"
     if shutil.which("sinfo") is None:
         return "sinfo is not on PATH (apt-get install slurm-wlm munge; .ci/slurm-up.sh)"
     try:
