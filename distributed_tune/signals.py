@@ -8,6 +8,9 @@
   save a checkpoint and exit 0 (the batch script then requeues after USR1).
 * Ctrl-C (SIGINT): while training, the same as SIGTERM, said on the terminal; a second Ctrl-C
   aborts at once. Before training starts (imports, loading) there is nothing to save: it aborts.
+* A SLURM batch script that got the warning creates the file named by $DT_STOP_FILE before it
+  passes USR1 on: a process that was still starting (under a launcher that ignores USR1) and missed
+  the signal finds the file when it installs its handlers, and stops the same way.
 * Processes started by a launcher (torchrun, accelerate launch) ask the kernel for SIGTERM when
   their launcher dies, so that no rank trains on as an orphan.
 
@@ -21,6 +24,8 @@ import signal
 import sys
 import time
 from typing import Any
+
+STOP_FILE_ENV = "DT_STOP_FILE"
 
 received: int | None = None
 training = False  # set by the loop once there is something to save
@@ -49,11 +54,16 @@ def _handle(signum: int, _frame: Any) -> None:
 
 def install() -> None:
     """Route USR1, TERM and INT to the stop flag; tie launcher-started ranks to their launcher."""
-    global _installed
+    global _installed, received
     if _installed:
         return
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _handle)
+    # After the handlers: a warning sent from here on is caught; one sent before (and missed) left
+    # the file, which the batch script creates before it signals.
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    if received is None and stop_file and os.path.exists(stop_file):
+        received = signal.SIGUSR1
     if "LOCAL_RANK" in os.environ and sys.platform.startswith("linux"):
         _die_with_parent()
     _installed = True

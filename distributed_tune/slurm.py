@@ -8,16 +8,23 @@ The script's shape (ANCHORS.md, "SLURM conventions"):
     the port is derived from the job id (two jobs sharing a node do not collide);
   * the node rank is ``$SLURM_NODEID``, inside single quotes so that each node's own shell
     expands it (expanded by the batch shell, every node would believe it is rank 0);
-  * GPUs: ``--gpus-per-node=N`` and one process per GPU; a CPU partition has no GPU line, and
-    ``--cpus-per-task`` gives each training process a core;
-  * preemption: ``--signal=B:USR1@LEAD`` sends USR1 to the batch shell LEAD seconds before the time
-    limit; its trap passes the signal to the job step. The training processes stop at the next
-    optimizer step, save a checkpoint, write ``STOPPED`` into the run directory and exit 0. Only
-    then, with the step gone, the batch shell runs ``scontrol requeue`` on its own job (an array
-    task requeues only itself: ``${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}``) and exits 0.
-    ``--requeue`` makes the job requeueable, ``--open-mode=append`` keeps the earlier attempts'
-    logs, and ``--resume`` is always passed: a requeued job continues from the newest complete
-    checkpoint. SIGTERM (scancel) saves the same way but does not requeue;
+  * GPUs: ``--gpus-per-node=N`` and one process per GPU; a CPU partition has no GPU line (sbatch
+    refuses any GPU request there: "Invalid generic resource"), and ``--cpus-per-task`` gives each
+    training process a core;
+  * preemption: ``--signal=B:USR1@LEAD`` sends USR1 to the batch shell LEAD..LEAD+30 s before the
+    time limit (slurmctld checks on a ~30 s timer). The shell traps it first thing (bash's default
+    is to exit) and passes it to the job step; launchers ignore it, and a ``STOP_REQUESTED`` file
+    tells training processes that were still starting. They stop at the next check, save a
+    checkpoint, write ``STOPPED`` into the run directory and exit 0. Only then, with the step gone
+    (a requeue SIGTERMs a running step: a traceback and a FAILED-looking attempt), the batch shell
+    runs ``scontrol requeue`` on its own job (an array task requeues only itself:
+    ``${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}``) and exits 0. ``--requeue`` makes the job
+    requeueable, ``--open-mode=append`` keeps the earlier attempts' logs, and ``--resume`` is always
+    passed: a requeued job continues from the newest complete checkpoint. SIGTERM (scancel) saves
+    the same way but does not requeue; the shell does not pass SIGTERM on (srun would SIGKILL the
+    step).
+
+What a real one-node cluster shows of these scripts is tests/test_slurm_cluster.py.
   * ``srun --kill-on-bad-exit=1``: a node whose training fails ends the whole step at once.
 
 Imports no torch.
@@ -87,8 +94,8 @@ class Job:
                     f"start; raise --time above {math.ceil((self.signal_lead_s + SIGNAL_JITTER_S) / 60)} min "
                     "or lower --signal-lead")
             if earliest < 300:
-                warnings.append(f"--time={self.time}: the job may be warned (USR1) {earliest} s after it starts, "
-                                "before its first checkpoint; it then requeues from the start each time")
+                warnings.append(f"--time={self.time}: SLURM may send the warning (USR1) {earliest} s after the job "
+                                "starts; every attempt then trains only that long before it saves and requeues")
         return warnings
 
 
@@ -131,38 +138,53 @@ def sbatch_directives(job: Job, workdir: Path, output: str, error: str | None = 
     return [f"#SBATCH {line}" for line in lines]
 
 
+# The start of every batch script, before anything that takes time: bash's default for USR1 is to
+# exit, and SLURM may send the warning at once (--time <= lead + 30 s).
+WARNING_TRAP = """
+# SLURM's warning before the time limit (--signal=B:USR1@LEAD) comes to this shell. srun forwards it
+# to every process of the job step; the file tells training processes that were not listening yet
+# (still starting, under a launcher that ignores USR1) to stop as well.
+warned=0
+step=""
+on_warning() {{
+  warned=1
+  echo "[{name}] USR1: the training stops at its next check, saves a checkpoint, then the job requeues"
+  if [ -n "${{DT_STOP_FILE:-}}" ]; then : > "$DT_STOP_FILE" || true; fi
+  if [ -n "$step" ]; then kill -USR1 "$step" 2>/dev/null || true; fi
+}}
+trap on_warning USR1
+# SIGTERM (scancel, the time limit, a requeue) reaches every process of the job from slurmd itself;
+# passed on to srun it would become a SIGKILL of the training. Keep waiting for the step to save.
+trap 'echo "[{name}] SIGTERM: waiting for the step to save and exit"' TERM
+"""
+
 # The end of every batch script: run the step in the background (bash runs a trap only between
-# commands), forward the signals, and requeue only after the step has exited.
+# commands) and requeue only after the step has exited.
 STEP_AND_REQUEUE = """
 # An array task requeues only itself: for the array's last task SLURM_JOB_ID equals
 # SLURM_ARRAY_JOB_ID, and requeueing that id would rerun every task of the array.
 DT_JOB=${{SLURM_ARRAY_JOB_ID:+${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}}}
 DT_JOB=${{DT_JOB:-$SLURM_JOB_ID}}
-rm -f "$DT_RUN_DIR/STOPPED"  # a marker of an earlier attempt must not requeue this one
-
-# SLURM signals this shell (B:USR1); bash runs a trap only between commands, hence the step in the
-# background and wait. srun forwards the signal to every process of the job step.
-warned=0
-step=""
-trap 'warned=1; [ -n "$step" ] && kill -USR1 "$step" 2>/dev/null; true' USR1
-# SIGTERM (scancel, the time limit) reaches every process of the job from slurmd itself; passed on
-# to srun it would become a SIGKILL of the training. Keep waiting for the step to save and exit.
-trap 'echo "[{name}] SIGTERM: waiting for the step to save and exit"' TERM
+export DT_STOP_FILE="$DT_RUN_DIR/STOP_REQUESTED"
+# An earlier attempt's markers must not stop or requeue this one; a warning already here must.
+rm -f "$DT_RUN_DIR/STOPPED" "$DT_STOP_FILE"
+if [ "$warned" -eq 1 ]; then : > "$DT_STOP_FILE"; fi
 {step} &
 step=$!
-[ "$warned" -eq 1 ] && kill -USR1 "$step" 2>/dev/null  # warned before the step existed
+if [ "$warned" -eq 1 ]; then kill -USR1 "$step" 2>/dev/null || true; fi
 status=0
 wait "$step" || status=$?
 while kill -0 "$step" 2>/dev/null; do  # wait returned early for a signal: the step still runs
   status=0; wait "$step" || status=$?
 done
+rm -f "$DT_STOP_FILE"
 echo "[{name}] job step exited with status $status"
 # Requeue only now that the step is gone (a requeue while it runs would SIGTERM it), and only if the
 # run stopped for the warning with a checkpoint (STOPPED), not if it finished in the meantime.
 if [ "$status" -eq 0 ] && [ "$warned" -eq 1 ] && [ -f "$DT_RUN_DIR/STOPPED" ]; then
   echo "[{name}] requeueing job $DT_JOB: it resumes from the checkpoint"
-  trap '' TERM  # the requeue ends this shell's job; leave with status 0 all the same
-  scontrol requeue "$DT_JOB" || echo "[{name}] scontrol requeue failed: submit again to resume"
+  trap '' TERM  # the requeue SIGTERMs this shell; leave with status 0 all the same
+  scontrol requeue "$DT_JOB" || {{ echo "[{name}] scontrol requeue failed: sbatch {script} to resume" >&2; exit 1; }}
 fi
 exit "$status"
 """
@@ -184,22 +206,24 @@ def render_script(job: Job, paths: dict[str, Path], run_dir: Path, workdir: Path
     body = [
         "",
         "set -eu",
+        WARNING_TRAP.format(name="job.sbatch").strip("\n"),
+        "",
         f"export DT_PYTHON={_q(python)}",
         f"export DT_TRAIN_CONFIG={_q(paths['config'].resolve())}",
         f"export DT_RUN_DIR={_q(run_dir)}",
     ]
     train = '-m distributed_tune --config "$DT_TRAIN_CONFIG" --resume'
+    launch = ['trap "" USR1']
     if topo.world_size == 1 and "deepspeed" not in paths:
-        # One process: no launcher in between; srun passes USR1 straight to the training process.
         body.append(hello + '"')
-        step = f'srun --kill-on-bad-exit=1 "$DT_PYTHON" {train}'
+        why = ["# One process, no launcher."]
+        launch.append(f'exec "$DT_PYTHON" {train}')
     else:
         body += [
             f"export DT_ACCELERATE_CONFIG={_q(paths['accelerate'].resolve())}",
             f"export DT_MAIN_PORT=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_BASE} ))",
         ]
-        launch = [
-            "trap \"\" USR1",
+        launch += [
             'exec "$DT_PYTHON" -m accelerate.commands.launch --config_file "$DT_ACCELERATE_CONFIG" \\',
             f"  --num_machines {topo.nodes} --num_processes {topo.world_size} "
             '--main_process_port "$DT_MAIN_PORT" \\',
@@ -218,12 +242,13 @@ def render_script(job: Job, paths: dict[str, Path], run_dir: Path, workdir: Path
             "# One launcher per node. The single quotes matter: $SLURM_NODEID and the other variables are",
             "# expanded by each node's own shell (expanded here, every node would be rank 0).",
         ] if topo.nodes > 1 else ["# One launcher (accelerate launch -> torchrun) on the node."]
-        why += [
-            "# trap \"\" USR1: the launcher processes ignore the warning signal (inherited through exec);",
-            "# the training processes catch it and stop cleanly.",
-        ]
-        step = "\n".join([*why, "srun --kill-on-bad-exit=1 bash -c '" + "\n".join(launch) + "'"])
-    return "\n".join(header + body) + STEP_AND_REQUEUE.format(step=step, name="job.sbatch")
+    why += [
+        '# trap "" USR1 (inherited through exec): launchers ignore the warning, and so does Python until',
+        "# its handler is installed (the stop file covers that moment); the training processes stop cleanly.",
+    ]
+    step = "\n".join([*why, "srun --kill-on-bad-exit=1 bash -c '" + "\n".join(launch) + "'"])
+    return "\n".join(header + body) + STEP_AND_REQUEUE.format(step=step, name="job.sbatch",
+                                                              script=_q(run_dir / SCRIPT))
 
 
 def array_spec(indices: list[int]) -> str:

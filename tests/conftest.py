@@ -54,6 +54,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         # DeepSpeed JIT-builds a CPU comm op once (~45 s); keep it across test runs.
         TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")),
     )
+    # This checkout's package, also in processes that start elsewhere (a batch job's working
+    # directory), whichever checkout the environment's editable install points at.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     for key in [k for k in env if k.startswith("ACCELERATE_")]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import signal
 import subprocess
 from pathlib import Path
 
@@ -77,4 +78,8 @@ def run(argv: list[str]) -> int:
             "--nodes > 1 needs one launcher per node: use `python -m distributed_tune submit` (SLURM), "
             "or run the printed command on every node with --machine_rank set"
         )
+    # This process is a launcher: only the training processes act on SLURM's warning (USR1); a
+    # launcher in between must not die of it. SIG_IGN passes down through exec, and each training
+    # process installs its own handler first thing (signals.py).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     return subprocess.call(cmd)
