@@ -237,6 +237,12 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (a check of this script)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: a check of this script")
     args = ap.parse_args()
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        print("error: no CUDA device is visible: this suite needs one NVIDIA GPU (a check of the script itself: "
+              "--cpu --smoke)", file=sys.stderr)
+        return 2
     suite = Suite(args)
     suite.environment()
     for part in args.parts:

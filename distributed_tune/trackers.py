@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any
 
 from distributed_tune.config import Config, Derived, flat_dict
+from distributed_tune.errors import ConfigError
 
 PROJECT = "distributed_tune"
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "padding_fraction", "mfu")
@@ -24,6 +25,20 @@ def hyperparameters(cfg: Config, derived: Derived) -> dict[str, Any]:
     """Scalars only (TensorBoard's hparams take int, float, str, bool)."""
     flat = {**flat_dict(cfg), **{f"derived.{k}": v for k, v in dataclasses.asdict(derived).items()}}
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_available(cfg: Config) -> None:
+    """A tracker whose package is missing is one line, before the run starts (accelerate would
+    drop it with a warning)."""
+    import importlib.util
+
+    for name in cfg.report_to:
+        if importlib.util.find_spec(PACKAGES[name]) is None:
+            raise ConfigError(f"report_to: {name} needs the {PACKAGES[name]} package: pip install {PACKAGES[name]} "
+                              "(or pip install 'distributed_tune[trackers]'), or remove it from report_to")
 
 
 def start(accelerator: Any, cfg: Config, derived: Derived) -> None:

@@ -29,8 +29,10 @@ def parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     cfg, explicit = load(args)
+    from distributed_tune import trackers
     from distributed_tune.distributed import resolve_accelerate_settings
     from distributed_tune.train import Recipe  # torch, transformers: only once the arguments are valid
 
+    trackers.check_available(cfg)
     Recipe(resolve_accelerate_settings(cfg, explicit)).run()
     return 0
