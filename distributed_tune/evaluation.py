@@ -115,7 +115,7 @@ def metrics_by_source(labels: np.ndarray, preds: np.ndarray, sources: list[str])
 
     MCC is None where it is undefined: a source whose gold labels or predictions are all one class.
     """
-    from sklearn.metrics import matthews_corrcoef
+    from distributed_tune.metrics import confusion, mcc
 
     sources_arr = np.asarray(sources)
     out: dict[str, dict[str, Any]] = {}
@@ -126,7 +126,7 @@ def metrics_by_source(labels: np.ndarray, preds: np.ndarray, sources: list[str])
         out[source] = {
             "n": int(mask.sum()),
             "accuracy": float((y == p).mean()),
-            "mcc": float(matthews_corrcoef(y, p)) if defined else None,
+            "mcc": mcc(confusion(y, p, 2)) if defined else None,
         }
     return out
 
