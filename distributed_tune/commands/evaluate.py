@@ -285,4 +285,7 @@ def run(argv: list[str]) -> int:
         write_outputs(out, result, target, label_names, examples, outputs)
         print_result(result, out, target)
     accelerator.wait_for_everyone()
+    from distributed_tune.distributed import let_gloo_workers_finish
+
+    let_gloo_workers_finish()  # else an exit right after the barrier can die in std::terminate
     return 0

@@ -29,8 +29,9 @@ def parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     cfg, explicit = load(args)
-    from distributed_tune.distributed import resolve_accelerate_settings
+    from distributed_tune.distributed import let_gloo_workers_finish, resolve_accelerate_settings
     from distributed_tune.train import Recipe  # torch, transformers: only once the arguments are valid
 
     Recipe(resolve_accelerate_settings(cfg, explicit)).run()
+    let_gloo_workers_finish()
     return 0
