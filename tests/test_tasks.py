@@ -59,8 +59,8 @@ GLUE = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
 CUSTOM = ["custom_csv", "custom_jsonl", "custom_tsv"]
 TWO_PROCESSES = [*GLUE, "custom_csv"]  # trained on 1 and on 2 processes
 STEPS, RESUME_AT = 80, 30  # 4 epochs x 20 steps; the resumed copy starts mid-epoch 2
-ZERO2 = {"sst2": "sst2", "mrpc": "mrpc", "mnli": "mnli_hub", "stsb": "stsb_hub"}  # kind -> data the run reads
-KIND = {"sst2": "single sentence", "mrpc": "pair", "mnli": "3 labels", "stsb": "regression"}
+# One ZeRO-2 run per kind of task (single sentence, pair, 3 labels, regression): task -> data it reads.
+ZERO2 = {"sst2": "sst2", "mrpc": "mrpc", "mnli": "mnli_hub", "stsb": "stsb_hub"}
 REGRESSION = {"stsb", "stsb_hub", "custom_jsonl"}
 # The evaluation splits of each data set, in order, and their sizes.
 EVAL_SPLITS = {name: [s for s in SPLITS[name] if s.startswith("validation")] for name in GLUE}
@@ -307,16 +307,20 @@ def test_logged_metrics_equal_the_hand_computed_ones(runs: Runs, run: str) -> No
     assert info["optimizer_step"] == best["optimizer_step"] and info["value"] == pytest.approx(best[metric])
 
 
-def test_glue_metrics_by_task(runs: Runs) -> None:
-    """What GLUE reports per task is what the run logs: F1 and accuracy (MRPC, QQP), Pearson and
-    Spearman (STS-B), matched and mismatched accuracy (MNLI), MCC (CoLA)."""
-    wanted = {"cola": {"dev": ["mcc"]}, "mrpc": {"validation": ["f1", "accuracy"]},
-              "qqp": {"validation": ["f1", "accuracy"]}, "stsb": {"validation": ["pearson", "spearman"]},
-              "mnli": {"validation_matched": ["accuracy"], "validation_mismatched": ["accuracy"]}}
-    for name, splits in wanted.items():
-        logged = last_evals(runs[f"{name}/2"])
-        for split, keys in splits.items():
-            assert all(isinstance(logged[split][k], float) for k in keys), (name, split)
+def test_each_glue_task_reports_the_benchmarks_metrics() -> None:
+    """GLUE's metrics per task (the first one selects the best model), its evaluation splits, and
+    its submission files, against the seam's Task specs."""
+    from distributed_tune.tasks import get_task
+
+    glue = {"cola": ("mcc",), "sst2": ("accuracy",), "mrpc": ("f1", "accuracy"), "qqp": ("f1", "accuracy"),
+            "stsb": ("pearson", "spearman"), "mnli": ("accuracy",), "qnli": ("accuracy",), "rte": ("accuracy",),
+            "wnli": ("accuracy",)}
+    for name, metrics in glue.items():
+        task = get_task(name)
+        assert task.metrics[: len(metrics)] == metrics, name
+        assert f"{task.selection_split}/{task.main_metric}" == SELECTION[name]
+        assert task.eval_splits == tuple(EVAL_SPLITS[name]) and task.submission == SUBMISSIONS[name]
+        assert task.label_names == LABELS[name] and task.regression == (name == "stsb")
 
 
 # --------------------------------------------------------------------------- ZeRO-2
