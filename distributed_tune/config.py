@@ -56,7 +56,8 @@ class DataConfig:
     validation_file: str | None = None
     """task=custom: the evaluation file, same format."""
     test_file: str | None = None
-    """task=custom: an optional unlabeled file for `predict --test`."""
+    """task=custom: an optional test file (labels may be left out) that `predict --glue-submission
+    DIR` labels into DIR/predictions.tsv."""
     text_fields: tuple[str, ...] | None = None
     """task=custom: the text column, or two columns for sentence pairs."""
     label_field: str = "label"

@@ -33,6 +33,11 @@ class Tokenized:
     lengths: np.ndarray  # int32 [N]
     labels: np.ndarray  # int64 class indices (-1: unlabeled) or float32 targets (nan: unlabeled)
     pad_id: int
+    # int8 [N, max_length]: the segment (0: first text, 1: second) of each token, for sentence pairs
+    # when the tokenizer makes token_type_ids (BERT); None for single sentences and for models
+    # without them (RoBERTa, GPT-2). The model is then trained and evaluated with the segment ids
+    # that `transformers.pipeline` and every other user of the export will give it.
+    type_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -80,6 +85,7 @@ def tokenize(examples: list[Example], tokenizer: Any, max_length: int, cache_dir
     the cache instead of tokenizing again.
     """
     key = hashlib.sha256()
+    key.update(b"format 2\n")  # 2: + type_ids (a cache written before holds pairs without them)
     key.update(tokenizer_fingerprint(tokenizer).encode())
     key.update(f"{max_length}\t{regression}".encode())
     for e in examples:
@@ -88,24 +94,32 @@ def tokenize(examples: list[Example], tokenizer: Any, max_length: int, cache_dir
     if path is not None and path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
-                return Tokenized(z["ids"], z["lengths"], z["labels"], int(z["pad_id"]))
+                types = z["type_ids"] if "type_ids" in z.files else None
+                return Tokenized(z["ids"], z["lengths"], z["labels"], int(z["pad_id"]), types)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             say(f"the tokenized cache {path} is damaged ({type(e).__name__}); rebuilding it")
 
     columns = list(zip(*(e.text for e in examples)))
-    enc = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)["input_ids"]
+    encoded = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
+    enc = encoded["input_ids"]
     pad_id = tokenizer.pad_token_id
     ids = np.full((len(enc), max_length), pad_id, dtype=np.int32)
     lengths = np.zeros(len(enc), dtype=np.int32)
     for i, seq in enumerate(enc):
         ids[i, : len(seq)] = seq
         lengths[i] = len(seq)
-    out = Tokenized(ids, lengths, _labels(examples, regression), pad_id)
+    type_ids = None
+    if len(columns) == 2 and "token_type_ids" in encoded:  # single sentences: all 0, the model's default
+        type_ids = np.zeros((len(enc), max_length), dtype=np.int8)
+        for i, seq in enumerate(encoded["token_type_ids"]):
+            type_ids[i, : len(seq)] = seq
+    out = Tokenized(ids, lengths, _labels(examples, regression), pad_id, type_ids)
     if path is not None:
+        types = {} if type_ids is None else {"type_ids": type_ids}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_open(path, "wb") as f:
-                np.savez(f, ids=ids, lengths=lengths, labels=out.labels, pad_id=np.int64(pad_id))
+                np.savez(f, ids=ids, lengths=lengths, labels=out.labels, pad_id=np.int64(pad_id), **types)
         except OSError as e:  # a cache is an optimisation: a full or read-only disk must not stop the run
             say(f"could not cache the tokenized data in {path.parent} ({e.strerror or e}); going on without")
     return out
@@ -213,6 +227,7 @@ class Batcher:
         self.ids = torch.from_numpy(data.ids).to(device)  # int32: half the memory; int64 per batch
         self.lengths = torch.from_numpy(data.lengths.astype(np.int64)).to(device)
         self.labels = torch.from_numpy(data.labels).to(device)
+        self.type_ids = torch.from_numpy(data.type_ids).to(device) if data.type_ids is not None else None
         self.positions = torch.arange(data.ids.shape[1], device=device)
 
     def width(self, index: np.ndarray) -> int:
@@ -225,15 +240,19 @@ class Batcher:
         width = self.width(index)
         rows = torch.from_numpy(np.where(index < 0, 0, index)).to(self.device, non_blocking=True)
         lengths = self.lengths.index_select(0, rows)
-        return {
+        batch = {
             "input_ids": self.ids[:, :width].index_select(0, rows).long(),
             "attention_mask": (self.positions[:width][None, :] < lengths[:, None]).long(),
             "labels": self.labels.index_select(0, rows),
         }
+        if self.type_ids is not None:  # sentence pairs: the second text's segment
+            batch["token_type_ids"] = self.type_ids[:, :width].index_select(0, rows).long()
+        return batch
 
 
 def collate(data: Tokenized, index: np.ndarray, pad_to_multiple_of: int) -> dict[str, Any]:
-    """One batch: ids cut to the longest example (rounded up), mask, labels, example indices."""
+    """One batch: ids cut to the longest example (rounded up), mask, labels, example indices, and
+    the segment ids of sentence pairs (`token_type_ids`) where the tokenizer made them."""
     import torch
 
     safe = np.where(index < 0, 0, index)
@@ -241,9 +260,12 @@ def collate(data: Tokenized, index: np.ndarray, pad_to_multiple_of: int) -> dict
     ids = torch.from_numpy(data.ids[safe, :width].astype(np.int64))
     lengths = torch.from_numpy(data.lengths[safe].astype(np.int64))
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    return {
+    batch = {
         "input_ids": ids,
         "attention_mask": mask,
         "labels": torch.from_numpy(data.labels[safe]),
         "index": torch.from_numpy(index),
     }
+    if data.type_ids is not None:
+        batch["token_type_ids"] = torch.from_numpy(data.type_ids[safe, :width].astype(np.int64))
+    return batch

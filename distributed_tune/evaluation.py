@@ -35,9 +35,8 @@ def predict_indices(model: torch.nn.Module, data: Tokenized, index: np.ndarray, 
     for start in range(0, len(index), batch_size):
         part = index[start : start + batch_size]
         batch = collate(data, part, pad_to_multiple_of)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits.float()
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        logits = model(**inputs).logits.float()
         values = logits if regression else torch.softmax(logits, dim=-1)
         out += [(int(i), v) for i, v in zip(part, values.cpu().tolist()) if i >= 0]
     return out
@@ -115,7 +114,7 @@ def metrics_by_source(labels: np.ndarray, preds: np.ndarray, sources: list[str])
 
     MCC is None where it is undefined: a source whose gold labels or predictions are all one class.
     """
-    from sklearn.metrics import matthews_corrcoef
+    from distributed_tune.metrics import confusion, mcc
 
     sources_arr = np.asarray(sources)
     out: dict[str, dict[str, Any]] = {}
@@ -126,7 +125,7 @@ def metrics_by_source(labels: np.ndarray, preds: np.ndarray, sources: list[str])
         out[source] = {
             "n": int(mask.sum()),
             "accuracy": float((y == p).mean()),
-            "mcc": float(matthews_corrcoef(y, p)) if defined else None,
+            "mcc": mcc(confusion(y, p, 2)) if defined else None,
         }
     return out
 

@@ -21,38 +21,71 @@ from distributed_tune.tasks import Task
 METRICS = ("mcc", "accuracy", "f1", "pearson", "spearman")
 
 
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int = 2) -> dict[str, Any]:
-    from sklearn.metrics import confusion_matrix, f1_score, matthews_corrcoef
+# Plain numpy, not scikit-learn / scipy: the same formulas, without the ~2 s their imports add to
+# every process that evaluates (a third of a small run's start-up; PLATFORM.md "Import cost").
 
+
+def confusion(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.ndarray:
+    """[num_labels, num_labels] counts; rows are gold labels, columns predictions."""
+    out = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(out, (labels, preds), 1)
+    return out
+
+
+def mcc(c: np.ndarray) -> float:
+    """Matthews correlation from a confusion matrix; for more than two classes Gorodkin's R_K (as
+    sklearn's matthews_corrcoef). 0 where undefined (one class predicted, or one gold class)."""
+    c = c.astype(np.float64)
+    t, p, correct, n = c.sum(axis=1), c.sum(axis=0), np.trace(c), c.sum()
+    denominator = np.sqrt((n * n - p @ p) * (n * n - t @ t))
+    return float((correct * n - t @ p) / denominator) if denominator else 0.0
+
+
+def f1_per_class(c: np.ndarray) -> np.ndarray:
+    """F1 of each class, 2tp / (2tp + fp + fn); 0 for a class never gold nor predicted."""
+    tp = np.diag(c).astype(np.float64)
+    den = 2 * tp + (c.sum(axis=0) - tp) + (c.sum(axis=1) - tp)
+    return np.divide(2 * tp, den, out=np.zeros_like(tp), where=den > 0)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank (scipy's rankdata 'average')."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts  # values ranked before each distinct value
+    return (starts + (counts + 1) / 2.0)[inverse.reshape(-1)]
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    return float(np.clip((x @ y) / np.sqrt((x @ x) * (y @ y)), -1.0, 1.0))
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int = 2) -> dict[str, Any]:
     labels, preds = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
     n = len(labels)
-    classes = list(range(num_labels))
+    c = confusion(labels, preds, num_labels)
     f1 = 0.0
     if n:
-        if num_labels == 2:
-            f1 = float(f1_score(labels, preds, pos_label=1, zero_division=0))
-        else:
-            f1 = float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0))
+        per_class = f1_per_class(c)
+        f1 = float(per_class[1]) if num_labels == 2 else float(per_class.mean())  # binary: of label 1
     return {
         "n": int(n),
-        "mcc": float(matthews_corrcoef(labels, preds)) if n else 0.0,
+        "mcc": mcc(c) if n else 0.0,
         "accuracy": float((labels == preds).mean()) if n else 0.0,
         "f1": f1,
-        "confusion_matrix": confusion_matrix(labels, preds, labels=classes).tolist(),
+        "confusion_matrix": c.tolist(),
         "collapsed": bool(len(np.unique(preds)) < 2),
     }
 
 
 def regression_metrics(labels: np.ndarray, preds: np.ndarray) -> dict[str, Any]:
-    from scipy.stats import pearsonr, spearmanr
-
     labels, preds = np.asarray(labels, dtype=np.float64), np.asarray(preds, dtype=np.float64)
     constant = len(labels) < 2 or np.ptp(labels) == 0 or np.ptp(preds) == 0
     return {
         "n": int(len(labels)),
         # Undefined for constant predictions (a collapsed regressor): reported as 0, flagged.
-        "pearson": 0.0 if constant else float(pearsonr(labels, preds)[0]),
-        "spearman": 0.0 if constant else float(spearmanr(labels, preds)[0]),
+        "pearson": 0.0 if constant else pearson(labels, preds),
+        "spearman": 0.0 if constant else pearson(average_ranks(labels), average_ranks(preds)),
         "mse": float(np.mean((labels - preds) ** 2)) if len(labels) else 0.0,
         "collapsed": bool(len(preds) and np.ptp(preds) == 0),
     }

@@ -13,17 +13,29 @@ from pathlib import Path
 from cola_data import sentences as cola_sentences
 
 
-def make_tiny_bert(path: Path, cola: Path, vocab_size: int = 400, hidden: int = 16, layers: int = 2,
-                   seed: int = 0) -> Path:
+def make_tiny_bert(path: Path, cola: Path | None, vocab_size: int = 400, hidden: int = 16, layers: int = 2,
+                   seed: int = 0, texts: list[str] | None = None, init_range: float = 0.02) -> Path:
+    """The vocabulary: trained on the CoLA folder's training sentences, or every word of `texts`."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(cola_sentences(cola), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    if texts is None:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+        tok.train_from_iterator(cola_sentences(cola), trainers.WordPieceTrainer(vocab_size=vocab_size,  # type: ignore[arg-type]
+                                                                                special_tokens=specials))
+    else:
+        # A fixed vocabulary: every word of `texts` and every character, sorted. (The WordPiece
+        # trainer breaks ties in hash order: its vocabulary changes from one build to the next, and
+        # with it every run's numbers.)
+        words = sorted({w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))})
+        chars = sorted({c for w in words for c in w})
+        vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials, *chars, *(f"##{c}" for c in chars), *words]))}
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -32,7 +44,7 @@ def make_tiny_bert(path: Path, cola: Path, vocab_size: int = 400, hidden: int = 
                              sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True)
     config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
-                        num_labels=2)
+                        num_labels=2, initializer_range=init_range)
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)
     path.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ DEFAULT_BATCH = 64
 
 def read_lines(args: argparse.Namespace) -> list[tuple[int | None, str]]:
     """(line number or None for arguments, text) in input order."""
+    from distributed_tune.tasks.base import lines as base_lines
+
     if args.sentences and args.file:
         raise ConfigError("pass sentences either as arguments or with --file, not both")
     if args.sentences:
@@ -51,7 +53,8 @@ def read_lines(args: argparse.Namespace) -> list[tuple[int | None, str]]:
         if sys.stdin.isatty():
             raise ConfigError("no sentences: pass them as arguments, with --file FILE, or on stdin")
         text, where = sys.stdin.read(), "stdin"
-    lines = [(n, line.strip("\r\n ")) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # Split on \n only (tasks.base.lines): str.splitlines would also cut a line at U+2028 or U+0085.
+    lines = [(n, line.strip("\r\n ")) for n, line in enumerate(base_lines(text), 1) if line.strip()]
     if not lines:
         raise DataError(f"{where}: no sentences (only blank lines); put one sentence per line")
     return lines
@@ -103,6 +106,7 @@ def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
     from distributed_tune.tasks.glue import submission_value
 
     task = target.cfg.task_spec
+    names = _label_names(target)
     data = task.read(target.cfg.data)
     if not data.test:
         raise DataError(f"data.source={target.cfg.data.source}: no unlabeled test split for {task.name} (GLUE's "
@@ -113,7 +117,10 @@ def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
         from distributed_tune.evaluation import predictions
 
         preds = predictions(task, outputs)
-        lines = ["index\tprediction"] + [f"{e.idx}\t{submission_value(task, p)}" for e, p in zip(examples, preds)]
+        # GLUE's spelling for GLUE tasks; a custom task's own label names (its labels are not GLUE's).
+        values = [names[int(p)] if task.name == "custom" and not task.regression else submission_value(task, p)
+                  for p in preds]
+        lines = ["index\tprediction"] + [f"{e.idx}\t{v}" for e, v in zip(examples, values)]
         path = out_dir / task.submission[split]
         atomic_write_text(path, "\n".join(lines) + "\n")
         print(f"wrote {path} ({len(examples)} predictions of {split})")

@@ -10,6 +10,7 @@ list it in `tasks/__init__.py`.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,22 +82,47 @@ class Task:
 
 
 def read_text(path: Path) -> str:
-    """A whole file as UTF-8; a wrong encoding is one line that names the file and the byte."""
+    """A whole file as UTF-8; a wrong encoding is one line that names the file and the byte.
+
+    A leading byte order mark is dropped: GLUE's MRPC train.tsv and dev.tsv start with one (their
+    header reads '\\ufeffQuality'), and so does a CSV saved as "UTF-8" by Excel."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(not_utf8(path, e)) from None
 
 
+def lines(text: str) -> list[str]:
+    """The lines of a file, split on \\n (and \\r\\n) only. Not `str.splitlines`, which also
+    splits on U+2028, U+0085, \\x0b, \\x0c, \\x1c-\\x1e: characters that occur inside real sentences
+    (web text such as QQP's) and would cut one row in two."""
+    out = text.split("\n")
+    if out and out[-1] == "":
+        out.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in out]
+
+
 def read_rows(path: Path, delimiter: str, header: bool) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
     """(header or None, [(line number, columns)]) of a delimited file, quotes kept as text for
-    tabs (GLUE's and CoLA's TSVs are not quoted) and honoured for commas (CSV)."""
+    tabs (GLUE's and CoLA's TSVs are not quoted) and honoured for commas (CSV, where a quoted
+    field may span lines: a row's number is the line it starts on)."""
     text = read_text(path)
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
-    rows = [(n, row) for n, row in enumerate(reader, 1) if row]
+    rows: list[tuple[int, list[str]]] = []
+    if delimiter == "\t":  # no quoting: a plain split (the csv module refuses a lone \r in a field)
+        rows = [(n, line.split("\t")) for n, line in enumerate(lines(text), 1) if line]
+    else:
+        # newline="": the csv module sees the file's own line ends (RFC 4180 newlines in quotes).
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+        start = 1
+        try:
+            for row in reader:
+                if row:
+                    rows.append((start, row))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise DataError(f"{path}:{start}: not valid CSV ({e}); fix or remove the line") from None
     if not rows:
         raise DataError(f"{path}: file is empty")
     if not header:

@@ -114,6 +114,10 @@ def _split_dev(dev: list[Example], train_sources: set[str]) -> list[Example]:
 def _glue_test(path: Path) -> list[Example]:
     head, rows = read_rows(path, "\t", header=True)
     require(head == ["index", "sentence"], f"{path}:1: expected the header 'index<TAB>sentence', got {head}")
+    for n, r in rows:  # (a short row or a non-numeric index used to end in IndexError / ValueError)
+        require(len(r) == 2, f"{path}:{n}: expected 2 tab-separated columns (index, sentence), got {len(r)}; "
+                             "fix or remove the line")
+        require(r[0].strip().isdigit(), f"{path}:{n}: index {r[0]!r} is not a whole number")
     return [Example((check_text(path, n, r[1]),), None, "test", "", int(r[0])) for n, r in rows]
 
 

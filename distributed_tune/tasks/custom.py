@@ -23,7 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 from distributed_tune.errors import DataError
 from distributed_tune.files import sha256_file
-from distributed_tune.tasks.base import Example, Label, Task, TaskData, check_text, float_label, read_rows, read_text
+from distributed_tune.tasks.base import (
+    Example,
+    Label,
+    Task,
+    TaskData,
+    check_text,
+    float_label,
+    lines,
+    read_rows,
+    read_text,
+)
 
 if TYPE_CHECKING:
     from distributed_tune.config import DataConfig
@@ -31,14 +41,16 @@ if TYPE_CHECKING:
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None}
 
 
-def read_table(path: Path, fields: tuple[str, ...], label_field: str | None) -> list[tuple[int, tuple[str, ...], Any]]:
-    """[(line, texts, raw label or None)] of one file; the label column may be absent (test files)."""
+def read_table(path: Path, fields: tuple[str, ...], label_field: str | None,
+               labeled: bool = False) -> list[tuple[int, tuple[str, ...], Any]]:
+    """[(line, texts, raw label or None)] of one file; the label column may be absent unless
+    `labeled` (train and validation files; a test file may leave it out)."""
     if path.suffix.lower() not in FORMATS:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv or .jsonl")
     delimiter = FORMATS[path.suffix.lower()]
     out = []
     if delimiter is None:
-        for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        for lineno, line in enumerate(lines(read_text(path)), 1):
             if not line.strip():
                 continue
             try:
@@ -62,6 +74,9 @@ def read_table(path: Path, fields: tuple[str, ...], label_field: str | None) -> 
     if missing:
         raise DataError(f"{path}:1: no column {', '.join(map(repr, missing))} (columns: {', '.join(head)}); "
                         "set data.text_fields")
+    if labeled and label_field not in head:  # said once, at the header, not as an empty label on line 2
+        raise DataError(f"{path}:1: no label column {label_field!r} (columns: {', '.join(head)}); "
+                        "set data.label_field")
     text_cols = [head.index(f) for f in fields]
     label_col = head.index(label_field) if label_field in head else None
     for lineno, row in rows:
@@ -80,7 +95,7 @@ def load(task: Task, cfg: DataConfig) -> TaskData:
     fields = tuple(cfg.text_fields or ())
     files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
     paths = {split: Path(f).expanduser() for split, f in files.items() if f}
-    tables = {split: read_table(p, fields, cfg.label_field) for split, p in paths.items()}
+    tables = {split: read_table(p, fields, cfg.label_field, labeled=split != "test") for split, p in paths.items()}
     for split in ("train", "validation"):
         if any(raw is None or raw == "" for _, _, raw in tables[split]):
             line = next(n for n, _, raw in tables[split] if raw is None or raw == "")

@@ -88,16 +88,23 @@ def read_glue_tsv(path: Path, task: Task, layout: TsvLayout, split: str) -> list
     index_col = _index_column(head)
     examples = []
     for lineno, row in rows:
-        if len(row) < len(head):
-            raise DataError(f"{path}:{lineno}: expected {len(head)} tab-separated columns, got {len(row)}; "
-                            "fix or remove the line")
+        # Exactly the header's count: a row with more columns (a tab inside a sentence, a broken
+        # line) would shift every column after it, and the label read would be another column.
+        if len(row) != len(head):
+            raise DataError(f"{path}:{lineno}: expected {len(head)} tab-separated columns ({', '.join(head)}), "
+                            f"got {len(row)}; fix or remove the line")
         text = tuple(check_text(path, lineno, row[c]) for c in text_cols)
         label: Label = None
         if label_col is not None:
             raw = row[label_col]
             label = float_label(path, lineno, raw) if task.regression else class_label(
                 path, lineno, raw, task.label_names)
-        idx = int(row[index_col]) if index_col is not None and row[index_col].isdigit() else len(examples)
+        idx = len(examples)
+        if index_col is not None:  # the id a GLUE submission line must carry: never guessed
+            raw_idx = row[index_col].strip()
+            if not raw_idx.isdigit():
+                raise DataError(f"{path}:{lineno}: {head[index_col]} {raw_idx!r} is not a whole number")
+            idx = int(raw_idx)
         examples.append(Example(text, label, split, "", idx))
     return examples
 
