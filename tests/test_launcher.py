@@ -293,7 +293,7 @@ def test_dry_run_on_a_used_run_directory_leaves_the_run_alone(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     assert (run / "config.yaml").read_text() == "seed: 1\n"
     assert (run / "dry-run" / "accelerate.yaml").is_file()
-    assert f"({RUN} holds a run: the dry run wrote into {RUN}/dry-run; launching needs --resume or --overwrite)" \
+    assert f"({RUN} holds a run: the dry run wrote into {RUN}/dry-run; a real one needs --resume or --overwrite)" \
         in proc.stdout
     proc = launch(["--gpus", "2"], tmp_path)  # the real launch is refused
     assert proc.returncode == 2 and "already holds a run (metrics.jsonl)" in proc.stderr

@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
+from distributed_tune import checkpoint
 from distributed_tune.config import Config, load_config_and_keys
+from distributed_tune.errors import RunDirError
 
 
 def add_config_arguments(ap: argparse.ArgumentParser, run_flags: bool = True) -> None:
@@ -26,3 +30,19 @@ def load(args: argparse.Namespace) -> tuple[Config, frozenset[str]]:
     if getattr(args, "overwrite", False):
         overrides.append("overwrite=true")
     return load_config_and_keys(args.config, overrides)
+
+
+def render_target(cfg: Config, dry_run: bool) -> tuple[Config, Path, str | None]:
+    """Where `launch` / `submit` write their files: the run directory, refused when it holds a run
+    (without --resume / --overwrite) unless this is a dry run, which then writes into
+    <output_dir>/dry-run/ and leaves the run's own files alone. Returns (config, folder, a note)."""
+    run_dir = Path(cfg.output_dir)
+    try:
+        checkpoint.refuse_used_run_dir(cfg)
+    except RunDirError:
+        if not dry_run:
+            raise
+        target = run_dir / "dry-run"
+        note = f"({run_dir} holds a run: the dry run wrote into {target}; a real one needs --resume or --overwrite)"
+        return dataclasses.replace(cfg, output_dir=str(target)), target, note
+    return cfg, run_dir, None

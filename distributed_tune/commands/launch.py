@@ -21,11 +21,10 @@ import signal
 import subprocess
 from pathlib import Path
 
-from distributed_tune import checkpoint
-from distributed_tune.commands.common import add_config_arguments, load
+from distributed_tune.commands.common import add_config_arguments, load, render_target
 from distributed_tune.config import batch_layout
 from distributed_tune.distributed import check_hardware
-from distributed_tune.errors import ConfigError, RunDirError
+from distributed_tune.errors import ConfigError
 from distributed_tune.files import RunLock
 from distributed_tune.launcher import DEFAULT_PORT, Topology, check_resumable, launch_command, render
 
@@ -50,14 +49,7 @@ def run(argv: list[str]) -> int:
                     main_process_port=args.port)
     batch_layout(cfg.train, topo.world_size)
     run_dir = Path(cfg.output_dir)
-    target = run_dir
-    try:
-        checkpoint.refuse_used_run_dir(cfg)
-    except RunDirError:
-        if not args.dry_run:
-            raise
-        target = run_dir / "dry-run"  # show what would run; the run's own files stay as they are
-        cfg = dataclasses.replace(cfg, output_dir=str(target))
+    cfg, target, note = render_target(cfg, args.dry_run)
     if not args.dry_run:
         RunLock(run_dir).probe()  # a running job owns config.yaml: do not rewrite it under it
         check_resumable(cfg, topo.world_size)
@@ -68,8 +60,8 @@ def run(argv: list[str]) -> int:
     cmd = launch_command(paths, topo, flags)
     for path in paths.values():
         print(f"wrote {path}")
-    if target != run_dir:
-        print(f"({run_dir} holds a run: the dry run wrote into {target}; launching needs --resume or --overwrite)")
+    if note:
+        print(note)
     print(shlex.join(cmd))
     if args.dry_run:
         return 0

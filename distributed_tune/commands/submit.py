@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from distributed_tune import checkpoint
-from distributed_tune.commands.common import add_config_arguments, load
+from distributed_tune.commands.common import add_config_arguments, load, render_target
 from distributed_tune.errors import ConfigError
 from distributed_tune.files import RunLock, atomic_write_text
 from distributed_tune.launcher import Topology, check_resumable, render
@@ -86,8 +86,9 @@ def parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     cfg, _ = load(args)
-    run_dir = checkpoint.refuse_used_run_dir(cfg)
-    job = job_from_args(args, args.job_name or f"dt-{run_dir.resolve().name}")
+    name = args.job_name or f"dt-{Path(cfg.output_dir).resolve().name}"
+    cfg, run_dir, note = render_target(cfg, args.dry_run)
+    job = job_from_args(args, name)
     RunLock(run_dir).probe()
     check_resumable(cfg, job.topology.world_size)
     # The job always starts with --resume; the config it reads must not also say overwrite.
@@ -97,6 +98,8 @@ def run(argv: list[str]) -> int:
     atomic_write_text(script, render_script(job, paths, run_dir, Path.cwd(), sys.executable, command_line))
     for path in [*paths.values(), script]:
         print(f"wrote {path}")
+    if note:
+        print(note)
     if args.dry_run:
         print(f"dry run: submit with `sbatch {script}`")
         return 0
