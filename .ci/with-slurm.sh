@@ -21,6 +21,7 @@ trap 'exit 143' TERM
 
 line=$("$here/slurm-up.sh" "$dir") || { echo "[with-slurm] error: the SLURM cluster did not come up" >&2; exit 1; }
 eval "$line"  # export SLURM_CONF=...
+echo "[with-slurm] $(sinfo -h -o 'partition %P %a, %D node(s) %t, %c CPUs')"
 "$@"
 status=$?
 exit "$status"

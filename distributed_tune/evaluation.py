@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from distributed_tune.data import Tokenized, collate, eval_shard
+from distributed_tune.metrics import confusion, mcc
 from distributed_tune.tasks import Example, Task
 
 EVAL_BATCH = 128  # the training loop's and `evaluate`'s batch: same batches, same floating-point sums
@@ -114,8 +115,6 @@ def metrics_by_source(labels: np.ndarray, preds: np.ndarray, sources: list[str])
 
     MCC is None where it is undefined: a source whose gold labels or predictions are all one class.
     """
-    from distributed_tune.metrics import confusion, mcc
-
     sources_arr = np.asarray(sources)
     out: dict[str, dict[str, Any]] = {}
     for source in sorted(set(sources)):

@@ -18,84 +18,16 @@ Under several processes each example is predicted on one process and gathered ex
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distributed_tune.config import Config, load_config
-from distributed_tune.errors import ConfigError, DataError, ModelError, RunDirError
+from distributed_tune.errors import ConfigError, DataError
 from distributed_tune.files import atomic_write_json, atomic_write_jsonl
+from distributed_tune.trained import Target, load_trained, resolve_target
 
 COMBINED_TSV = "combined"
 EVAL_BATCH = 128  # evaluation.EVAL_BATCH: the training loop's batches, the same floating-point sums
-
-
-@dataclass(frozen=True)
-class Target:
-    """What the user pointed at: the model folder, the run (if any) and its config."""
-
-    model_dir: Path
-    run_dir: Path | None
-    cfg: Config
-
-    @property
-    def training_info(self) -> dict[str, Any] | None:
-        path = self.model_dir / "training_info.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-
-def resolve_target(path: str, overrides: list[str]) -> Target:
-    """A run directory (RUN/model + RUN/config.yaml) or a save_pretrained folder (config.json)."""
-    p = Path(path).expanduser()
-    if (p / "config.json").is_file():
-        run_dir = p.parent if p.name == "model" and (p.parent / "config.yaml").is_file() else None
-        if run_dir is not None:
-            return Target(p, run_dir, load_config(run_dir / "config.yaml", overrides))
-        info_path = p / "training_info.json"
-        task = json.loads(info_path.read_text()).get("task") if info_path.is_file() else None
-        return Target(p, None, load_config(None, ([f"task={task}"] if task else []) + overrides))
-    if (p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file():
-        if not (p / "model" / "config.json").is_file():
-            raise RunDirError(
-                f"{p}: run directory without a model/ folder (the run has not finished or failed); "
-                "evaluate a finished run or a save_pretrained folder"
-            )
-        return Target(p / "model", p, load_config(p / "config.yaml", overrides))
-    raise ModelError(
-        f"{p}: neither a run directory (config.yaml + model/) nor a save_pretrained folder "
-        "(config.json + weights); pass one of those"
-    )
-
-
-def load_trained(target: Target, label_names: tuple[str, ...] | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, fp32; tokenizer) from the target's model folder; the model's labels
-    must be the task's."""
-    import torch
-    from safetensors import SafetensorError
-    from transformers import AutoModelForSequenceClassification
-
-    from distributed_tune.config import ModelConfig
-    from distributed_tune.model import load_tokenizer, quiet_transformers
-
-    tokenizer = load_tokenizer(ModelConfig(name=str(target.model_dir)))
-    try:
-        with quiet_transformers():
-            # fp32 whatever the saved dtype: CPU-safe and exact.
-            model = AutoModelForSequenceClassification.from_pretrained(target.model_dir, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{target.model_dir}: cannot load the model ({reason}); "
-                         "pass a save_pretrained folder with config.json and weights") from None
-    task = target.cfg.task_spec
-    outputs = 1 if task.regression else len(label_names or task.label_names)
-    if model.config.num_labels != outputs:
-        raise ModelError(f"{target.model_dir}: the model has {model.config.num_labels} outputs; task={task.name} "
-                         f"needs {outputs}; pass task= for the task it was trained on")
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
 
 
 def eval_accelerator() -> Any:

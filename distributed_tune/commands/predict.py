@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_tune.errors import ConfigError, DataError
+from distributed_tune.trained import label_names, load_trained, resolve_target
 
 DEFAULT_BATCH = 64
 
@@ -75,29 +76,17 @@ def to_examples(lines: list[tuple[int | None, str]], fields: int) -> list[Any]:
 
 def predict(target: Any, examples: list[Any], batch_size: int) -> tuple[Any, tuple[str, ...]]:
     """(outputs [n, classes] or [n, 1], label names) in input order, batched by length, one process."""
-    from distributed_tune.commands.evaluate import load_trained
     from distributed_tune.config import pad_multiple
     from distributed_tune.data import tokenize
     from distributed_tune.evaluation import SingleProcess, predict_distributed
 
-    model, tokenizer = load_trained(target, _label_names(target))
+    model, tokenizer = load_trained(target, label_names(target))
     process = SingleProcess()
     model.to(process.device)
     task = target.cfg.task_spec
     data = tokenize(examples, tokenizer, target.cfg.data.max_length, None, task.regression)
     outputs = predict_distributed(process, model, data, batch_size, pad_multiple(target.cfg), task.regression)
-    return outputs, _label_names(target)
-
-
-def _label_names(target: Any) -> tuple[str, ...]:
-    """The task's labels; a custom task's live in the model's id2label."""
-    task = target.cfg.task_spec
-    if task.label_names or task.regression:
-        return task.label_names
-    import json
-
-    config = json.loads((target.model_dir / "config.json").read_text())
-    return tuple(config["id2label"][str(i)] for i in range(len(config["id2label"])))
+    return outputs, label_names(target)
 
 
 def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
@@ -106,7 +95,7 @@ def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
     from distributed_tune.tasks.glue import submission_value
 
     task = target.cfg.task_spec
-    names = _label_names(target)
+    names = label_names(target)
     data = task.read(target.cfg.data)
     if not data.test:
         raise DataError(f"data.source={target.cfg.data.source}: no unlabeled test split for {task.name} (GLUE's "
@@ -145,7 +134,6 @@ def run(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} must be at least 1")
-    from distributed_tune.commands.evaluate import resolve_target
     from distributed_tune.evaluation import prediction_row
     from distributed_tune.files import atomic_write_jsonl
 

@@ -22,51 +22,11 @@ import sys
 from pathlib import Path
 
 from distributed_tune import checkpoint
-from distributed_tune.commands.common import add_config_arguments, load, render_target
+from distributed_tune.commands.common import add_config_arguments, add_job_arguments, job_from_args, load, render_target
 from distributed_tune.errors import ConfigError
 from distributed_tune.files import RunLock, atomic_write_text
-from distributed_tune.launcher import Topology, check_resumable, render
-from distributed_tune.slurm import SCRIPT, Job, render_script
-
-
-def add_job_arguments(ap: argparse.ArgumentParser) -> None:
-    """The SLURM options `submit` and `sweep --slurm` share."""
-    ap.add_argument("--nodes", type=int, default=1, help="machines; one launcher (srun task) per machine")
-    ap.add_argument("--gpus-per-node", type=int, default=1,
-                    help="GPUs per machine, one training process each; 0 on a CPU partition")
-    ap.add_argument("--processes-per-node", type=int,
-                    help="training processes per machine (default: --gpus-per-node, or 1 without GPUs)")
-    ap.add_argument("--time", help="time limit (HH:MM:SS, D-HH:MM:SS, minutes); default: the partition's")
-    ap.add_argument("--partition", help="SLURM partition")
-    ap.add_argument("--account", help="SLURM account to charge")
-    ap.add_argument("--cpus-per-task", type=int,
-                    help="CPUs per node for the launcher and all its processes (default without GPUs: one per process)")
-    ap.add_argument("--signal-lead", type=int, default=90, metavar="SECONDS",
-                    help="USR1 this long before the time limit: time to reach the next stop check and save "
-                         "(default 90; SLURM may send it up to a minute earlier)")
-    ap.add_argument("--sbatch-option", action="append", default=[], metavar="KEY[=VALUE]",
-                    help="extra #SBATCH line, repeatable: --sbatch-option qos=high --sbatch-option exclusive")
-
-
-def job_from_args(args: argparse.Namespace, job_name: str) -> Job:
-    for name in ("nodes", "signal_lead"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
-    if args.gpus_per_node < 0:
-        raise ConfigError(f"--gpus-per-node={args.gpus_per_node} must be 0 (a CPU partition) or more")
-    processes = args.processes_per_node or max(args.gpus_per_node, 1)
-    if processes < 1:
-        raise ConfigError(f"--processes-per-node={processes} must be at least 1")
-    if args.gpus_per_node and processes != args.gpus_per_node:
-        raise ConfigError(f"--processes-per-node={processes} with --gpus-per-node={args.gpus_per_node}: "
-                          "one training process per GPU; leave --processes-per-node out")
-    topo = Topology(nodes=args.nodes, processes_per_node=processes, gpus_per_node=args.gpus_per_node)
-    job = Job(topology=topo, time=args.time, partition=args.partition, account=args.account,
-              job_name=job_name, cpus_per_task=args.cpus_per_task, signal_lead_s=args.signal_lead,
-              extra=tuple(args.sbatch_option))
-    for warning in job.check():
-        print(f"warning: {warning}", file=sys.stderr)
-    return job
+from distributed_tune.launcher import check_resumable, render
+from distributed_tune.slurm import SCRIPT, render_script
 
 
 def parser() -> argparse.ArgumentParser:

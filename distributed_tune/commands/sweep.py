@@ -68,7 +68,7 @@ def run_command(args: argparse.Namespace, overrides: list[str], run_dir: Path) -
 
 
 def parser() -> argparse.ArgumentParser:
-    from distributed_tune.commands.submit import add_job_arguments
+    from distributed_tune.commands.common import add_job_arguments
 
     ap = argparse.ArgumentParser(prog="python -m distributed_tune sweep", description=__doc__.split("\n\n")[0],
                                  epilog="Overrides: any config key as key=value (not seed: see --first-seed).")
@@ -153,7 +153,7 @@ def submit_array(args: argparse.Namespace, sweep_dir: Path, plans: list[Any], ar
     the array over them."""
     import dataclasses
 
-    from distributed_tune.commands.submit import job_from_args
+    from distributed_tune.commands.common import job_from_args
     from distributed_tune.launcher import check_resumable, render
     from distributed_tune.slurm import SCRIPT, render_array, render_script
 
