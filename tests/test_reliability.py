@@ -173,12 +173,16 @@ def test_two_runs_in_one_output_dir_the_second_is_refused(tiny_model: Path, cola
     run = tmp_path / "run"
     args = args_for(tiny_model, cola_dir, cache_dir, run, "train.max_steps=100000", "train.checkpoint_every=0",
                     "train.eval_every=0")
-    first = subprocess.Popen([sys.executable, "-m", "distributed_tune", *args], env=subprocess_env(), cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr goes to a file, not a pipe: nobody reads a pipe while the run trains, and a full pipe
+    # (64 KiB of progress lines) would block the run in write() so that it could never see SIGTERM
+    log = tmp_path / "first.log"
+    with log.open("w") as sink:
+        first = subprocess.Popen([sys.executable, "-m", "distributed_tune", *args], env=subprocess_env(), cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=sink, text=True)
     try:
         deadline = time.monotonic() + 300
         while loss_steps(run) < 2:
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.1)
         before = (run / "config.yaml").read_bytes()
         second = run_cli(["--overwrite", *args], check=False)
@@ -189,7 +193,7 @@ def test_two_runs_in_one_output_dir_the_second_is_refused(tiny_model: Path, cola
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=120)
-    assert first.returncode == 0  # SIGTERM: saved and stopped
+    assert first.returncode == 0, log.read_text()[-2000:]  # SIGTERM: saved and stopped
     from distributed_tune.files import RunLock
 
     RunLock(run).probe()  # the lock died with its holder: nothing blocks a resume
@@ -328,11 +332,16 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(tiny_model: Path, cola_dir: Pat
     assert "stop signal 2 (SIGINT): checkpoint saved at optimizer step" in err and "Traceback" not in err
     assert checkpoint.latest_good(run, warn=lambda _: None) is not None
 
+    # The second Ctrl-C must come while the first one's stop is still under way: optimizer steps of
+    # 2048 micro-batches (4 s each on an idle 2-core machine, 1.5 s at the very least anywhere this
+    # runs), and the first Ctrl-C right after a step ends, so the stop waits for a whole step.
     run2 = tmp_path / "run2"
-    proc = start_long_run([*args[:-1], f"output_dir={run2}"])
-    wait_for_steps(proc, run2, 2)
+    proc = start_long_run([*args[:-1], f"output_dir={run2}", "train.global_batch_size=8192",
+                           "train.micro_batch_size=4", "train.epochs=20"])
+    wait_for_steps(proc, run2, 1)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.5)  # a person's second Ctrl-C, not torchrun's echo of the first
+    assert proc.poll() is None, "the run stopped before the second Ctrl-C: make its optimizer steps longer"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]

@@ -311,11 +311,12 @@ def test_time_limit_warning_stops_requeues_and_resumes(workdir: Path, job_config
     assert refused.returncode == 2 and refused.stderr.startswith("error: --time=1 (SLURM rounds it up to 1 min) "
                                                                  "with --signal-lead=30 s"), refused.stderr
     run_dir = workdir / "runs" / "time_limit"
-    # One process (a quicker start, ~70 steps/s): still training 30 s after the start, when the
-    # warning has come at the latest.
+    # One process (a quicker start) on micro-batches of 2 (accumulation 8: ~65 steps/s on an idle
+    # machine, 200 with the harness's micro-batch of 8): 3000 steps are ~46 s of training, still
+    # under way 30 s after the start, when the warning has come at the latest.
     steps = 3000
-    overrides = [f"train.max_steps={steps}", "train.epochs=6", "train.checkpoint_every=1000",
-                 "train.eval_every=100000"]
+    overrides = [f"train.max_steps={steps}", "train.epochs=6", "train.micro_batch_size=2",
+                 "train.checkpoint_every=1000", "train.eval_every=100000"]
     rendered = subprocess.run([sys.executable, "-m", "distributed_tune", "submit", "--config", str(job_config),
                                "--gpus-per-node", "0", "--processes-per-node", "1", "--partition", PARTITION,
                                "--time", "10", "--signal-lead", "30", "--dry-run", "output_dir=runs/time_limit",
