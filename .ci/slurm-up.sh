@@ -16,7 +16,7 @@
 # scontrol/squeue; the tests read final states after other jobs ran), DT_SLURM_KILLWAIT (5: SIGTERM
 # -> SIGKILL), DT_SLURM_CTLD_PORT / DT_SLURM_SLURMD_PORT (default: the first free from 6817 / 6818,
 # so that another cluster on this machine does not collide), DT_SLURM_TIMEOUT (60 s for the node to
-# become idle). Facts behind each setting: SLURM_README_DRAFT.md / the tests' docstring.
+# become idle). Facts behind each setting: README.md (SLURM) / tests/test_slurm_cluster.py's docstring.
 set -euo pipefail
 
 DIR=${1:?usage: slurm-up.sh STATE_DIR}
