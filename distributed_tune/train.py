@@ -208,12 +208,12 @@ class Recipe:
             if cfg.overwrite:
                 checkpoint.clear_results(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / STOPPED).unlink(missing_ok=True)  # a new attempt
         acc.wait_for_everyone()
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main)
         if cfg.resume:
-            self.resume()
+            self.resume()  # may refuse (a changed recipe): the stopped run must then stay as it was
         if self.is_main:
+            (self.run_dir / STOPPED).unlink(missing_ok=True)  # a new attempt
             dump_resolved(cfg, self.derived, self.run_dir / "config.yaml")
             atomic_write_json(self.run_dir / "data_fingerprint.json",
                               {"task": self.task.name, "counts": self.data.counts(), "train_used": len(train),

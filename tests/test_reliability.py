@@ -95,6 +95,8 @@ def test_a_model_folder_without_its_tokenizer_is_refused(tiny_model: Path, cola_
 def test_resume_refuses_a_changed_recipe(finished: Path, tiny_model: Path, cola_dir: Path, cache_dir: Path,
                                          tmp_path: Path, change: list[str], line: str) -> None:
     run = interrupted_copy(finished, tmp_path / "run")
+    # as a run stopped by a signal leaves it: a refused resume must keep this marker too
+    (run / "STOPPED").write_text('{"signal": "SIGTERM", "optimizer_step": 4}')
     before = snapshot(run)
     proc = run_cli(["--resume", *args_for(tiny_model, cola_dir, cache_dir, run), *change], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
