@@ -91,8 +91,10 @@ def stats(values: Iterable[float | None]) -> dict[str, Any]:
 
 
 def summarize(results: list[RunResult]) -> dict[str, Any]:
-    """Statistics of the selected and the final values over runs, and how many collapsed."""
-    scored = [r for r in results if r.best_value is not None]
+    """Statistics of the selected and the final values over finished runs, and how many collapsed.
+    An unfinished run (still training, or killed) is listed as unscored: its last evaluation is not
+    a final value, and counting it would let a half-trained run decide the winner."""
+    scored = [r for r in results if r.status == "done" and r.best_value is not None]
     return {
         "runs": len(results),
         "scored": len(scored),
@@ -101,7 +103,7 @@ def summarize(results: list[RunResult]) -> dict[str, Any]:
         "selected_dev": stats(r.selected_dev for r in scored),
         "collapsed_selected": sum(bool(r.best_collapsed) for r in scored),
         "collapsed_final": sum(bool(r.final_collapsed) for r in scored),
-        "unscored": [r.label for r in results if r.best_value is None],
+        "unscored": [r.label for r in results if r not in scored],
     }
 
 

@@ -132,7 +132,8 @@ def summary_markdown(payload: dict[str, Any]) -> str:
     metric, heldout = payload["metric"], payload["heldout_selection"]
     lines = [f"# Sweep {payload['sweep_dir']} ({payload['task']}, {metric})", "",
              f"Selected = the best evaluation (the model kept; chosen on {'the held-out slice' if heldout else 'the same dev set: optimistic'}); "
-             f"final = the last evaluation. Settings are ranked by the median of the {payload['honest']}.", ""]
+             f"final = the last evaluation. Settings are ranked by the median of the {payload['honest']}. "
+             "runs = finished / all: an unfinished run is listed below, not counted.", ""]
     head = "| setting | runs | selected: mean ± std (median, min..max) | final: mean ± std (median, min..max) |"
     sep = "| --- | ---: | --- | --- |"
     if heldout:

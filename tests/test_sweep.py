@@ -37,14 +37,15 @@ def test_summary_arithmetic_on_a_scripted_list() -> None:
         2: [dev(10, 0.40), done],
         3: [dev(10, 0.0, collapsed=True), dev(20, 0.0, collapsed=True), done],  # never left one class
         4: [dev(10, 0.20), dev(30, 0.60), dev(30, 0.9, split="in_domain_dev"), dev(40, 0.55), done],
-        5: [dev(10, 0.99, split="in_domain_dev"), dev(10, 0.45), {"event": "first_step", "startup_s": 3.0}],
+        5: [dev(10, 0.99, split="in_domain_dev"), dev(10, 0.45), {"event": "first_step", "startup_s": 3.0}, done],
+        6: [dev(10, 0.95)],  # still running (or killed): its "final" is not final, and it is not counted
     }
     results = [result_from_records(records, COLA, f"seed {s}") for s, records in scripted.items()]
     assert [(r.label, r.best_value, r.best_step, r.best_collapsed, r.final_value, r.final_step, r.status)
             for r in results] == [
         ("seed 1", 0.50, 20, False, 0.50, 30, "done"), ("seed 2", 0.40, 10, False, 0.40, 10, "done"),
         ("seed 3", 0.0, 10, True, 0.0, 20, "done"), ("seed 4", 0.60, 30, False, 0.55, 40, "done"),
-        ("seed 5", 0.45, 10, False, 0.45, 10, "incomplete")]
+        ("seed 5", 0.45, 10, False, 0.45, 10, "done"), ("seed 6", 0.95, 10, False, 0.95, 10, "incomplete")]
     assert results[3].splits_at_best == {"dev": 0.6, "in_domain_dev": 0.9} and results[0].evaluations == 3
     assert results[2].first_non_collapsed_step is None and results[0].first_non_collapsed_step == 10
     s = summarize(results)
@@ -55,7 +56,8 @@ def test_summary_arithmetic_on_a_scripted_list() -> None:
     assert (s["selected"]["median"], s["selected"]["min"], s["selected"]["max"]) == (0.45, 0.0, 0.6)
     # Final: 0.5 0.4 0 0.55 0.45 -> median 0.45, mean 0.38.
     assert s["final"]["mean"] == pytest.approx(0.38, abs=1e-12) and s["final"]["median"] == 0.45
-    assert (s["runs"], s["scored"], s["collapsed_selected"], s["collapsed_final"]) == (5, 5, 1, 1)
+    assert (s["runs"], s["scored"], s["collapsed_selected"], s["collapsed_final"]) == (6, 5, 1, 1)
+    assert s["unscored"] == ["seed 6"]
     assert stats([0.3]) == {"n": 1, "mean": 0.3, "std": None, "median": 0.3, "min": 0.3, "max": 0.3}
     # Selection on a held-out slice: the reported value is dev at the held-out best step.
     held = result_from_records([dev(10, 0.2, split="heldout"), dev(10, 0.31), dev(20, 0.5, split="heldout"),
