@@ -185,9 +185,13 @@ def check_same_sweep(sweep_dir: Path, sweep: Sweep) -> None:
     if not meta.is_file():
         return
     old = Sweep.from_json(json.loads(meta.read_text()))
+    # Overrides: only those that differ (the full lists repeat the model, data and paths).
+    before = [o for o in old.overrides if o not in sweep.overrides]
+    now = [o for o in sweep.overrides if o not in old.overrides]
     diffs = [f"{name}: {a} before, {b} now" for name, a, b in (
-        ("config file content", old.config_sha256, sweep.config_sha256), ("overrides", list(old.overrides),
-         list(sweep.overrides)), ("grid", dict(old.grid), dict(sweep.grid)), ("seeds", list(old.seeds), list(sweep.seeds)))
+        ("config file content", old.config_sha256, sweep.config_sha256),
+        ("overrides", " ".join(before) or "(none)", " ".join(now) or "(none)"),
+        ("grid", dict(old.grid), dict(sweep.grid)), ("seeds", list(old.seeds), list(sweep.seeds)))
         if a != b]
     if diffs:
         raise RunDirError(f"{sweep_dir} holds another sweep ({'; '.join(diffs)}); use another output_dir, "
