@@ -66,6 +66,32 @@ def test_summary_arithmetic_on_a_scripted_list() -> None:
         "heldout", 0.5, 20, 0.28, 0.35)
 
 
+def test_early_stopping_report_replays_both_rules(tmp_path: Path) -> None:
+    """benchmarks/early_stopping_report.py on a scripted run: one class for 4 evaluations, then it
+    learns. At patience 3 the old rule (counted from the first evaluation) stops in the one-class
+    start and keeps MCC 0; the package's rule waits for two classes, then stops after 3 evaluations
+    without a better value."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"early_stopping_patience": 3}}))
+    mccs = [0.0, 0.0, 0.0, 0.0, 0.10, 0.30, 0.25, 0.28, 0.29]
+    records = [dev(50 * (i + 1), m, collapsed=i < 4) for i, m in enumerate(mccs)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*records, {"event": "finished", "outcome": "early_stop"}]))
+    proc = subprocess.run([sys.executable, "benchmarks/early_stopping_report.py", str(run), "--strip", str(tmp_path)],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "WARNING" not in proc.stderr, proc.stderr  # the replay matches the logged end
+    lines = proc.stdout.splitlines()
+    assert lines[2] == ("| run | 4 (50..200) | 3 | stops at 200: 0.0000 | stops at 450: 0.3000 | "
+                        "0.3000, 0.2900 @ 450 |"), proc.stdout
+    assert lines[-1] == ("1 finished runs, 1 began predicting one class; the model kept has dev MCC 0 (one class) "
+                         "in 1 under the old rule, in 0 under this rule.")
+
+
 # sbatch for a job array, on top of the project's SLURM shims (tests/shims: sbatch runs a batch
 # script here, srun runs its step, scontrol answers): each array task runs now, one after another.
 ARRAY_SBATCH = """#!/bin/bash
