@@ -234,3 +234,44 @@ def test_sweep_bad_input(tmp_path: Path, monkeypatch, capsys) -> None:
         assert {p.name for p in run.iterdir()} == {"config.yaml", "accelerate.yaml", "job.sbatch"}
         assert f"seed: {seed}\n" in (run / "config.yaml").read_text()
         assert "--num_processes 4" in (run / "job.sbatch").read_text()
+
+
+def test_a_stop_signal_to_the_sweep_stops_it_after_the_run_saved(tiny_model: Path, cola_dir: Path, cache_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """`kill PID` of a sweep (SIGTERM to the sweep alone, as a scheduler or a user sends it): the run
+    in progress gets it too, saves at its next step; the sweep then stops instead of starting the
+    next seed, and the same command resumes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep_dir = tmp_path / "s"
+    # micro-batches of 2: ~65 optimizer steps/s, so the run is still training when the signal comes
+    cmd = [sys.executable, "-m", "distributed_tune", "sweep", "--seeds", "2", f"model.name={tiny_model}",
+           f"data.source={cola_dir}", f"data.cache_dir={cache_dir}", "train.max_steps=600", "train.eval_every=0",
+           "train.log_every=1", "train.global_batch_size=16", "train.micro_batch_size=2", f"output_dir={sweep_dir}"]
+    log = tmp_path / "sweep.log"
+    with log.open("w") as sink:  # a file, not a pipe that nobody reads while the run trains
+        proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT, text=True)
+    metrics = sweep_dir / "seed_42" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not metrics.is_file() or metrics.read_text().count('"loss"') < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    assert json.loads((sweep_dir / "seed_42" / "STOPPED").read_text())["signal"] == "SIGTERM"
+    assert "[sweep] SIGTERM during seed 42: it saved and stopped (exit 0); the next runs were not started; rerun " \
+           "the same command to resume" in out, out[-3000:]
+    assert not (sweep_dir / "seed_43").exists()
+    stopped_at = json.loads((sweep_dir / "seed_42" / "STOPPED").read_text())["optimizer_step"]
+    assert 3 <= stopped_at < 600
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {sweep_dir}/seed_42/checkpoints/step_{stopped_at:08d}" in " ".join(rerun.stderr.split())
+    for seed in (42, 43):
+        steps = [r["optimizer_step"] for r in evals(sweep_dir / f"seed_{seed}") if r["split"] == "dev"]
+        assert steps[-1] == 600, (seed, steps)

@@ -11,7 +11,8 @@ The sweep directory is the config's `output_dir`. Without --grid, seed s runs in
 combination of the grid's values. Seeds are `--first-seed` (default: the config's) and the next
 ones. Finished runs are skipped and unfinished ones resumed: rerunning the command completes a
 sweep. `sweep.json` records what the sweep is; a rerun with other settings is refused (a finished
-run is only reused when its own config.yaml is the one this sweep asks for).
+run is only reused when its own config.yaml is the one this sweep asks for). SIGTERM, SIGUSR1 or
+Ctrl-C to the sweep: the current run saves at its next step, and the sweep stops there.
 
 The summary (`sweep_summary.json` / `.md`, printed; `--summarize DIR` recomputes it at any time)
 gives, per setting, the selected (best evaluation) and the final value of the task's main metric
@@ -28,6 +29,7 @@ import hashlib
 import json
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +67,30 @@ def run_command(args: argparse.Namespace, overrides: list[str], run_dir: Path) -
     if any((run_dir / n).exists() for n in ("metrics.jsonl", "checkpoints")):
         cmd.append("--resume")  # an interrupted run continues from its newest checkpoint
     return cmd
+
+
+def run_one(cmd: list[str]) -> tuple[int, int | None]:
+    """Run one training process to its end: (exit code, the stop signal this sweep got, if any).
+
+    A stop signal to the sweep stops the sweep after the current run has saved: SIGTERM and SIGUSR1
+    are passed on to the run (which saves at its next step and exits 0); Ctrl-C reaches the run
+    from the terminal itself (the same process group), so it is not sent twice. The sweep never
+    kills a run that is saving."""
+    stops: list[int] = []
+    proc = subprocess.Popen(cmd)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if signum != signal.SIGINT and proc.poll() is None:
+            proc.send_signal(signum)
+        stops.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code, (stops[0] if stops else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -129,15 +155,28 @@ def run(argv: list[str]) -> int:
     print(f"[sweep] {len(sweep.settings())} setting(s) x {len(sweep.seeds)} seed(s) = {len(plans)} runs in {sweep_dir}")
     if args.slurm:
         return submit_array(args, sweep_dir, plans, argv)
+    from distributed_tune import signals
+
     failed = []
     for setting, seed, run_dir, overrides, _ in plans:
         what = f"{setting.name + ' ' if setting.overrides else ''}seed {seed}"
+        if signals.received is not None:  # a stop signal between two runs
+            write_summary(sweep_dir)
+            print(f"[sweep] {signal.Signals(signals.received).name}: stopped before {what}; rerun the same command "
+                  "to resume", file=sys.stderr, flush=True)
+            return 0
         if checkpoint.run_finished(run_dir):
             print(f"[sweep] {what}: already finished in {run_dir}; skipped", flush=True)
             continue
         cmd = run_command(args, overrides, run_dir)
         print(f"[sweep] {what}: {shlex.join(cmd)}", flush=True)
-        if subprocess.call(cmd) != 0:
+        code, stopped_by = run_one(cmd)
+        if stopped_by is not None:
+            write_summary(sweep_dir)
+            print(f"[sweep] {signal.Signals(stopped_by).name} during {what}: it saved and stopped (exit {code}); "
+                  "the next runs were not started; rerun the same command to resume", file=sys.stderr, flush=True)
+            return 130 if stopped_by == signal.SIGINT else (0 if code == 0 else 1)
+        if code != 0:
             failed.append(what)
     write_summary(sweep_dir)
     if failed:
