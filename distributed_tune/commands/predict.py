@@ -74,19 +74,27 @@ def to_examples(lines: list[tuple[int | None, str]], fields: int) -> list[Any]:
     return examples
 
 
-def predict(target: Any, examples: list[Any], batch_size: int) -> tuple[Any, tuple[str, ...]]:
-    """(outputs [n, classes] or [n, 1], label names) in input order, batched by length, one process."""
-    from distributed_tune.config import pad_multiple
-    from distributed_tune.data import tokenize
-    from distributed_tune.evaluation import SingleProcess, predict_distributed
+class Predictor:
+    """The target's model, loaded once (fp32, on this process's device), and its label names;
+    `predictor(examples, batch_size)` -> outputs [n, classes] or [n, 1] in input order, batched by
+    length."""
 
-    model, tokenizer = load_trained(target, label_names(target))
-    process = SingleProcess()
-    model.to(process.device)
-    task = target.cfg.task_spec
-    data = tokenize(examples, tokenizer, target.cfg.data.max_length, None, task.regression)
-    outputs = predict_distributed(process, model, data, batch_size, pad_multiple(target.cfg), task.regression)
-    return outputs, label_names(target)
+    def __init__(self, target: Any) -> None:
+        from distributed_tune.evaluation import SingleProcess
+
+        self.target, self.process = target, SingleProcess()
+        self.names = label_names(target)
+        self.model, self.tokenizer = load_trained(target, self.names)
+        self.model.to(self.process.device)
+
+    def __call__(self, examples: list[Any], batch_size: int) -> Any:
+        from distributed_tune.config import pad_multiple
+        from distributed_tune.data import tokenize
+        from distributed_tune.evaluation import predict_distributed
+
+        cfg, task = self.target.cfg, self.target.cfg.task_spec
+        data = tokenize(examples, self.tokenizer, cfg.data.max_length, None, task.regression)
+        return predict_distributed(self.process, self.model, data, batch_size, pad_multiple(cfg), task.regression)
 
 
 def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
@@ -95,20 +103,19 @@ def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
     from distributed_tune.tasks.glue import submission_value
 
     task = target.cfg.task_spec
-    names = label_names(target)
     data = task.read(target.cfg.data)
     if not data.test:
         raise DataError(f"data.source={target.cfg.data.source}: no unlabeled test split for {task.name} (GLUE's "
                         "test.tsv, or the hub copy); point data.source at GLUE's files or use hub")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split, examples in data.test.items():
-        outputs, _ = predict(target, examples, batch_size)
-        from distributed_tune.evaluation import predictions
+    from distributed_tune.evaluation import predictions
 
-        preds = predictions(task, outputs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(target)  # one model load for every test split (MNLI has two)
+    for split, examples in data.test.items():
+        preds = predictions(task, predictor(examples, batch_size))
         # GLUE's spelling for GLUE tasks; a custom task's own label names (its labels are not GLUE's).
-        values = [names[int(p)] if task.name == "custom" and not task.regression else submission_value(task, p)
-                  for p in preds]
+        values = [predictor.names[int(p)] if task.name == "custom" and not task.regression
+                  else submission_value(task, p) for p in preds]
         lines = ["index\tprediction"] + [f"{e.idx}\t{v}" for e, v in zip(examples, values)]
         path = out_dir / task.submission[split]
         atomic_write_text(path, "\n".join(lines) + "\n")
@@ -146,7 +153,8 @@ def run(argv: list[str]) -> int:
     lines = read_lines(args)
     examples = to_examples(lines, max(1, len(task.text_fields)) if task.name != "custom"
                            else len(target.cfg.data.text_fields or ("x",)))
-    outputs, names = predict(target, examples, args.batch_size)
+    predictor = Predictor(target)
+    outputs, names = predictor(examples, args.batch_size), predictor.names
     rows = []
     for i, ((line, text), output) in enumerate(zip(lines, outputs)):
         row = prediction_row(task, names, output, index=i, sentence=text)
