@@ -27,17 +27,14 @@ def hyperparameters(cfg: Config, derived: Derived) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
 def check_available(cfg: Config) -> None:
     """A tracker whose package is missing is one line, before the run starts (accelerate would
     drop it with a warning)."""
     import importlib.util
 
-    for name in cfg.report_to:
-        if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise ConfigError(f"report_to: {name} needs the {PACKAGES[name]} package: pip install {PACKAGES[name]} "
+    for name in cfg.report_to:  # each tracker's package has the tracker's name
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"report_to: {name} needs the {name} package: pip install {name} "
                               "(or pip install 'distributed_tune[trackers]'), or remove it from report_to")
 
 

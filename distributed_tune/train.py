@@ -640,19 +640,21 @@ class Recipe:
         info_path = self.run_dir / "model" / "training_info.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         step = info.get("optimizer_step", p.optimizer_step)
-        at_step = {r["split"]: r for r in read_metrics(self.run_dir / "metrics.jsonl")
-                   if r.get("optimizer_step") == step and "split" in r}
-        splits = ", ".join(f"{s} {r[main]:.4f}" for s, r in at_step.items() if main in r)
-        last = {r["split"]: r for r in read_metrics(self.run_dir / "metrics.jsonl")
-                if r.get("optimizer_step") == self.last_eval_step and "split" in r}
+        evaluations = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if "split" in r]
+
+        def splits_at(at: int) -> str:
+            """'split value, ...' of the evaluation at optimizer step `at` (the last record of a split wins)."""
+            at_step = {r["split"]: r for r in evaluations if r.get("optimizer_step") == at}
+            return ", ".join(f"{s} {r[main]:.4f}" for s, r in at_step.items() if main in r)
+
+        last = splits_at(self.last_eval_step) if step != self.last_eval_step else ""
         lines = [
             f"finished ({outcome.replace('_', ' ')}) after {p.optimizer_step} optimizer steps in "
             f"{duration(self.out.elapsed())} (training {duration(self.window.train_seconds)}, "
             f"evaluation {duration(self.eval_seconds)})",
-            f"model/ = step {step} ({info.get('selected', 'final')}): {main} {splits}",
+            f"model/ = step {step} ({info.get('selected', 'final')}): {main} {splits_at(step)}",
             *([f"last evaluation (step {self.last_eval_step}, the honest number when model/ was selected on the "
-               f"reported split): {main} " + ", ".join(f"{s} {r[main]:.4f}" for s, r in last.items() if main in r)]
-              if step != self.last_eval_step and last else []),
+               f"reported split): {main} {last}"] if last else []),
             f"model:    {self.run_dir / 'model'}  (save_pretrained folder; transformers.pipeline loads it)",
             f"evaluate: python -m distributed_tune evaluate {self.run_dir}",
         ]
