@@ -86,6 +86,20 @@ def run_cli(args: list[str], nproc: int = 1, launcher: str = "python", timeout: 
     return proc
 
 
+def snapshot(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder` (bytes, mtime): what a refused command must leave as it was.
+    `ignore`: file names left out (a run lock records each new holder)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in ignore}
+
+
+def limit_file_size() -> None:
+    """preexec_fn: files of this process and its children stop at 40 kB (EFBIG: a disk that fills up)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -30,16 +29,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import run_cli, subprocess_env
+from conftest import limit_file_size, run_cli, snapshot, subprocess_env
 from shims.harness import Cluster, flat, job_id_with_free_port, loss_steps, read_jsonl, submit_cmd, write_job_config
 
 from distributed_tune import checkpoint
 from distributed_tune.cli import main
-
-
-def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def training_processes(root: int) -> dict[int, psutil.Process]:
@@ -145,9 +139,6 @@ def test_sigterm_saves_without_requeue_then_disk_full_keeps_previous(tmp_path: P
 
     # Resume with every file limited to 40 kB: the next checkpoint's model weights (57 kB) cannot
     # be written; small files (metrics, config) still can.
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
-
     proc2 = subprocess.run([sys.executable, "-m", "distributed_tune", *args, "train.checkpoint_every=1", "--resume"],
                            env=subprocess_env(), capture_output=True, text=True, timeout=120,
                            preexec_fn=limit_file_size)

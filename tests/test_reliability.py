@@ -23,15 +23,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, read_jsonl, run_cli, subprocess_env, train_losses
+from conftest import REPO, limit_file_size, read_jsonl, run_cli, snapshot, subprocess_env, train_losses
 from shims.harness import loss_steps
 
 from distributed_tune import checkpoint
 
-
-def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+LOCK = (".lock",)  # left out of snapshots: the run lock records each holder, refused ones too
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:
@@ -97,13 +94,13 @@ def test_resume_refuses_a_changed_recipe(finished: Path, tiny_model: Path, cola_
     run = interrupted_copy(finished, tmp_path / "run")
     # as a run stopped by a signal leaves it: a refused resume must keep this marker too
     (run / "STOPPED").write_text('{"signal": "SIGTERM", "optimizer_step": 4}')
-    before = snapshot(run)
+    before = snapshot(run, LOCK)
     proc = run_cli(["--resume", *args_for(tiny_model, cola_dir, cache_dir, run), *change], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     ckpt = run / "checkpoints" / "step_00000004"
     assert last_line(proc) == (f"error: {ckpt} cannot be resumed with a changed recipe ({line}); resume with the run's "
                                "own settings (its config.yaml), or start a new run in another output_dir")
-    assert snapshot(run) == before
+    assert snapshot(run, LOCK) == before
 
 
 def test_resume_refuses_other_data_and_another_model(finished: Path, tiny_model: Path, cola_dir: Path,
@@ -151,11 +148,11 @@ def test_harmless_changes_resume_to_the_same_losses(finished: Path, tiny_model: 
 
 def test_resume_of_a_finished_run_changes_nothing(finished: Path, tiny_model: Path, cola_dir: Path,
                                                   cache_dir: Path) -> None:
-    before = snapshot(finished)
+    before = snapshot(finished, LOCK)
     proc = run_cli(["--resume", *args_for(tiny_model, cola_dir, cache_dir, finished)])
     assert f"output_dir={finished} holds a finished run: nothing to resume (--overwrite trains it again)" in \
         proc.stderr
-    assert snapshot(finished) == before
+    assert snapshot(finished, LOCK) == before
     assert sum(r.get("event") == "finished" for r in read_jsonl(finished / "metrics.jsonl")) == 1
 
 
@@ -238,12 +235,12 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run_and_the_model_being_tuned(
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    before = snapshot(run)
+    before = snapshot(run, LOCK)
     proc = run_cli(["--overwrite", *args_for(run / "model", cola_dir, cache_dir, run)], check=False)
     assert proc.returncode == 2
     assert last_line(proc) == (f"error: --overwrite would delete model.name={run}/model, the model being fine-tuned; "
                                f"copy it out of {run} first or choose another output_dir")
-    assert snapshot(run) == before
+    assert snapshot(run, LOCK) == before
 
 
 # --------------------------------------------------------------------------- one line, not a traceback
@@ -284,17 +281,13 @@ def test_bad_files_and_folders_are_one_line(tiny_model: Path, cola_dir: Path, ca
 
 def test_a_full_disk_after_training_is_one_line_and_leaves_no_half_file(tiny_model: Path, cola_dir: Path,
                                                                         cache_dir: Path, tmp_path: Path) -> None:
-    import resource
-
     run = tmp_path / "run"
     args = args_for(tiny_model, cola_dir, cache_dir, run, "train.checkpoint_every=0", "train.eval_every=0")
     run_cli([*args, f"output_dir={tmp_path / 'warm'}"])  # the tokenized cache exists now
 
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))  # predictions (~150 kB) cannot be written
-
     proc = subprocess.run([sys.executable, "-m", "distributed_tune", *args], env=subprocess_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+                          capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit_file_size)  # predictions (~150 kB) cannot be written
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert last_line(proc) == (
         f"error: could not write {run}/predictions.jsonl (File too large): the disk is full or a file size limit is "
