@@ -28,7 +28,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from distributed_tune.config import Config, flat_dict
+from distributed_tune.config import TRAJECTORY_KEYS, Config, flat_dict
 from distributed_tune.errors import RunDirError
 from distributed_tune.files import atomic_write_json, sha256_file
 from distributed_tune.metrics import read_metrics
@@ -46,20 +46,6 @@ DERIVED_FILES = {"eval": ("metrics.json", "predictions.jsonl"),
                  "report": ("report.md", "training.png", "evaluation.png", "confusion.png")}
 # What marks a run directory as used: a new run refuses it unless resume/overwrite is set.
 RESULTS = ("metrics.jsonl", "checkpoints", "model", "predictions.jsonl")
-
-# Config keys a resume must not change: they change what is trained (data, model, recipe,
-# arithmetic). Every other key (logging, evaluation and checkpoint frequency, early stopping,
-# output and cache paths, timeouts, trackers, micro batch / accumulation layout, offload) may change.
-TRAJECTORY_KEYS = (
-    "seed", "task", "precision", "model.name", "model.revision", "model.dropout", "data.source",
-    "data.train_file", "data.validation_file", "data.text_fields", "data.label_field", "data.regression",
-    "data.max_length", "data.pad_to_multiple_of", "data.length_grouping", "data.heldout_fraction",
-    "train.epochs", "train.max_steps", "train.global_batch_size", "train.lr", "train.weight_decay",
-    "train.adam_betas", "train.adam_eps", "train.warmup_ratio", "train.warmup_steps", "train.max_grad_norm",
-    "distributed.zero_stage", "fp16.initial_scale_power", "fp16.loss_scale_window", "fp16.hysteresis",
-    "fp16.min_loss_scale",
-)
-
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"

@@ -20,6 +20,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,112 +34,155 @@ from distributed_tune.tasks import Task, get_task
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
+# --------------------------------------------------------------------------- per-key rules
+#
+# Every leaf key is declared with `key(default, resume=..., ...)`: its rules live on the field.
+#   resume   "fixed": part of what is trained (data, model, recipe, arithmetic); a resume that
+#            changes it is refused. "free": how the run is watched, stored or laid out (logging,
+#            evaluation and checkpoint frequency, paths, micro batch / accumulation, offload);
+#            a resume may change it and trains the same steps.
+#   check    a bound on the value alone (floats must also be finite); combinations of keys are
+#            checked in `validate`.
+#   trainer  the names users bring from the HF Trainer / run_glue.py, for the unknown-key error:
+#            a name, or {name: what to say}.
+#   accelerate  the accelerate setting (`accelerate launch` flag / config file) that supplies the
+#            value when our config leaves it unset (distributed.accelerate_settings reads them).
+
+Resume = Literal["fixed", "free"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """A bound on one value: `ok(value)`, else the error reads f"{key}={value} {says}"."""
+
+    ok: Callable[[Any], bool]
+    says: str
+
+
+AT_LEAST_1 = Check(lambda v: v >= 1, "must be at least 1")
+OFF_OR_POSITIVE = Check(lambda v: v >= 0, "must be 0 (off) or positive")
+
+
+def key(default: Any, *, resume: Resume, check: Check | None = None, trainer: str | dict[str, str] | None = None,
+        accelerate: str | None = None) -> Any:
+    """A config key with its rules (see above) in the dataclass field's metadata."""
+    return field(default=default, metadata={"resume": resume, "check": check, "trainer": trainer,
+                                            "accelerate": accelerate})
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "bert-base-uncased"
+    name: str = key("bert-base-uncased", resume="fixed", trainer="model_name_or_path")
     """Hub name or local folder of any Hugging Face sequence-classification model."""
-    dropout: float | None = None
+    dropout: float | None = key(None, resume="fixed", check=Check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
     """Overrides every dropout probability in the model config; null keeps the model's own."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = key(False, resume="free")
     """Run code shipped with a hub model. Off: only enable for repositories you trust."""
-    revision: str | None = None
+    revision: str | None = key(None, resume="fixed")
     """Hub revision (branch, tag or commit) to pin; null takes the default branch."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str | None = None
+    source: str | None = key(None, resume="fixed", trainer={"dataset_name": "task / data.source"})
     """Where the task's data comes from: a local folder, a URL (CoLA's official zip), `hub`, or a
     `datasets` save_to_disk folder; null: the task's default (CoLA: the official URL; GLUE: hub)."""
-    train_file: str | None = None
+    train_file: str | None = key(None, resume="fixed")
     """task=custom: the training file (.csv, .tsv or .jsonl)."""
-    validation_file: str | None = None
+    validation_file: str | None = key(None, resume="fixed")
     """task=custom: the evaluation file, same format."""
-    test_file: str | None = None
+    test_file: str | None = key(None, resume="free")
     """task=custom: an optional test file (labels may be left out) that `predict --glue-submission
     DIR` labels into DIR/predictions.tsv."""
-    text_fields: tuple[str, ...] | None = None
+    text_fields: tuple[str, ...] | None = key(None, resume="fixed")
     """task=custom: the text column, or two columns for sentence pairs."""
-    label_field: str = "label"
+    label_field: str = key("label", resume="fixed", trainer="label_column_name")
     """task=custom: the label column (strings or integers; a number with data.regression)."""
-    regression: bool = False
+    regression: bool = key(False, resume="fixed")
     """task=custom: the label is a number to predict (MSE loss; Pearson/Spearman), not a class."""
-    cache_dir: str = "~/.cache/distributed_tune"
+    cache_dir: str = key("~/.cache/distributed_tune", resume="free")
     """Where downloads and the tokenized dataset are cached."""
-    max_length: int = 128
+    max_length: int = key(128, resume="fixed", check=AT_LEAST_1, trainer=("max_seq_length", "max_length"))
     """Tokens per example at most (CoLA's longest sentence is ~47 BERT tokens)."""
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: int | None = key(None, resume="fixed", check=AT_LEAST_1)
     """Pad each batch to a multiple of this; null means 8 under fp16/bf16, else 1."""
-    length_grouping: bool = True
+    length_grouping: bool = key(True, resume="fixed")
     """Group examples of similar length into the same global batch (less padding, same data)."""
-    heldout_fraction: float = 0.0
+    heldout_fraction: float = key(0.0, resume="fixed",
+                                  check=Check(lambda v: 0.0 <= v <= 0.5, "must be between 0 (off) and 0.5"))
     """Hold out this fraction of the training set (stratified, the same rows for every seed) to
     select the best model and stop early on; the dev sets are then reported, never selected on."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = key(5, resume="fixed", check=AT_LEAST_1, trainer="num_train_epochs")
     """Passes over the training set at most. More than the BERT paper's 3: CoLA runs often peak
     late, and early stopping ends the ones that do not (Mosbach et al. 2021)."""
-    max_steps: int | None = None
+    max_steps: int | None = key(None, resume="fixed", check=AT_LEAST_1)
     """Stop after this many optimizer steps (evaluation still runs at the end); null: epochs."""
-    global_batch_size: int = 32
+    global_batch_size: int = key(32, resume="fixed", check=AT_LEAST_1,
+                                 trainer=("train_batch_size", "batch_size"))
     """Examples per optimizer step, summed over all processes and accumulation steps: the recipe."""
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = key(None, resume="free", check=AT_LEAST_1, trainer={
+        "per_device_train_batch_size": "train.micro_batch_size (the recipe is train.global_batch_size)",
+        "gradient_accumulation_steps": "train.global_batch_size (accumulation is derived from it)"})
     """Examples per forward pass on one process; null: global batch / world size, with gradient
     accumulation only where that exceeds train.max_micro_batch_size."""
-    max_micro_batch_size: int = 32
+    max_micro_batch_size: int = key(32, resume="free", check=AT_LEAST_1)
     """The largest automatic micro batch (a memory cap per device)."""
-    lr: float = 2e-5
+    lr: float = key(2e-5, resume="fixed", check=Check(lambda v: v > 0, "must be positive"), trainer="learning_rate")
     """Peak learning rate of AdamW."""
-    weight_decay: float = 0.01
+    weight_decay: float = key(0.01, resume="fixed", check=OFF_OR_POSITIVE)
     """Decoupled weight decay, not applied to biases and LayerNorm weights."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    fused_adamw: bool = True
+    adam_betas: tuple[float, float] = key(
+        (0.9, 0.999), resume="fixed", trainer={"adam_beta1": "train.adam_betas", "adam_beta2": "train.adam_betas"},
+        check=Check(lambda v: all(0.0 <= b < 1.0 for b in v), "must each be in [0, 1) (e.g. [0.9, 0.999])"))
+    adam_eps: float = key(1e-8, resume="fixed", check=Check(lambda v: v > 0, "must be positive (e.g. 1e-8)"),
+                          trainer="adam_epsilon")
+    fused_adamw: bool = key(True, resume="free")
     """One fused kernel per AdamW step instead of ~6 passes over memory (4x faster on CPU)."""
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = key(0.1, resume="fixed", check=Check(lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1"))
     """Fraction of the total optimizer steps spent in linear warmup, then linear decay to 0."""
-    warmup_steps: int | None = None
+    warmup_steps: int | None = key(None, resume="fixed", check=OFF_OR_POSITIVE, trainer="warmup_steps")
     """Warmup in optimizer steps; when set it replaces train.warmup_ratio."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = key(1.0, resume="fixed", check=OFF_OR_POSITIVE, accelerate="gradient_clipping")
     """Clip the global gradient norm to this; 0 disables clipping."""
-    log_every: int = 10
+    log_every: int = key(10, resume="free", check=AT_LEAST_1, trainer="logging_steps")
     """Log loss, lr, grad norm and throughput every this many optimizer steps."""
-    eval_every: int = 50
+    eval_every: int = key(50, resume="free", check=OFF_OR_POSITIVE, trainer="eval_steps")
     """Evaluate every this many optimizer steps (0: only at the end of each epoch). 50 is about 5
     evaluations per epoch at batch 32: CoLA runs can peak and fall within an epoch."""
-    early_stopping_patience: int = 10
+    early_stopping_patience: int = key(10, resume="free", check=OFF_OR_POSITIVE)
     """Stop after this many evaluations without a better selection metric (0: never stop early).
     Counting starts at the first evaluation that predicts more than one class: a run still in
     its one-class start is not stopped (Dodge et al. 2020: stop bad runs early, not slow ones)."""
-    select_best: bool = True
+    select_best: bool = key(True, resume="free", trainer="load_best_model_at_end")
     """The final model/ folder holds the weights of the best evaluation of the task's selection
     metric (training_info.json says which step), not the last ones."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = key(0, resume="free", check=OFF_OR_POSITIVE, trainer="save_steps")
     """Save a resumable checkpoint every this many optimizer steps (0: only at epoch ends)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = key(2, resume="free", check=AT_LEAST_1, trainer="save_total_limit")
     """How many of the newest complete checkpoints to keep."""
-    compile: bool = False
+    compile: bool = key(False, resume="free", accelerate="dynamo_backend")
     """torch.compile the training forward/backward (the batch widths of the run are compiled before
     the clock starts: metrics.jsonl's train_summary reports that warm-up apart)."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool = key(False, resume="free")
     """Also capture each compiled step in a CUDA graph (torch.compile mode reduce-overhead): no
     per-kernel launch cost. One CUDA process, no DeepSpeed."""
 
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    zero_stage: int | None = None
+    zero_stage: int | None = key(None, resume="fixed", trainer="deepspeed", accelerate="zero_stage", check=Check(
+        lambda v: v in (0, 1, 2, 3), "must be 0, 1, 2, 3 or null (plain DDP)"))
     """0-3: DeepSpeed with this ZeRO stage; null: plain data parallel (DDP, or one process).
     Unset in the config, accelerate's DeepSpeed setting (--use_deepspeed --zero_stage N) applies."""
-    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_optimizer: Literal["none", "cpu"] = key("none", resume="free", accelerate="offload_optimizer_device")
     """DeepSpeed optimizer-state offload (ZeRO 1-3)."""
-    offload_params: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = key("none", resume="free", accelerate="offload_param_device")
     """DeepSpeed parameter offload (ZeRO 3 only)."""
-    timeout_s: int = 600
+    timeout_s: int = key(600, resume="free", check=AT_LEAST_1)
     """Collective timeout: a dead rank ends the job after this long instead of hanging it."""
 
 
@@ -147,34 +191,35 @@ class Fp16Config:
     """Dynamic loss scaling for fp16: DeepSpeed uses all four; torch's GradScaler (DDP, one GPU)
     uses initial_scale_power and loss_scale_window."""
 
-    initial_scale_power: int = 16
+    initial_scale_power: int = key(16, resume="fixed")
     """The first loss scale is 2**this."""
-    loss_scale_window: int = 1000
+    loss_scale_window: int = key(1000, resume="fixed")
     """Steps without overflow before the scale grows."""
-    hysteresis: int = 2
+    hysteresis: int = key(2, resume="fixed")
     """Overflows tolerated before the scale shrinks (DeepSpeed only)."""
-    min_loss_scale: float = 1.0
+    min_loss_scale: float = key(1.0, resume="fixed")
     """The scale never drops below this (DeepSpeed only)."""
 
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 42
+    seed: int = key(42, resume="fixed")
     """Seeds the model head, the data order (seed, epoch) and dropout (seed, step, micro-batch)."""
-    task: str = "cola"
+    task: str = key("cola", resume="fixed", trainer="task_name")
     """cola, a GLUE task as `datasets` names it (sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), or
     custom (your own files: data.train_file, data.validation_file, data.text_fields)."""
-    output_dir: str = "runs/cola"
+    output_dir: str = key("runs/cola", resume="free")
     """The run directory: config, metrics.jsonl, predictions, checkpoints, final model."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = key("fp32", resume="fixed", accelerate="mixed_precision",
+                                                     trainer={"fp16": "precision=fp16", "bf16": "precision=bf16"})
     """Mixed precision; fp16 needs a CUDA device. Unset in the config, accelerate's mixed_precision
     (its config file or --mixed_precision) applies."""
-    report_to: tuple[str, ...] = ()
+    report_to: tuple[str, ...] = key((), resume="free")
     """Experiment trackers (accelerate's): none, tensorboard, wandb, mlflow, or a list; files
     under output_dir/trackers, rank 0 only."""
-    resume: bool = False
+    resume: bool = key(False, resume="free", trainer={"resume_from_checkpoint": "--resume"})
     """Continue from the newest complete checkpoint in output_dir (start fresh if none)."""
-    overwrite: bool = False
+    overwrite: bool = key(False, resume="free", trainer={"overwrite_output_dir": "--overwrite"})
     """Delete an existing run directory's results before starting."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,24 +232,49 @@ class Config:
         return get_task(self.task, regression=self.data.regression)
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """One leaf key: its dotted name, type annotation, default and rules."""
+
+    name: str
+    type: Any
+    default: Any
+    resume: Resume
+    check: Check | None
+    trainer: dict[str, str]  # HF Trainer name -> what to say
+    accelerate: str | None
+
+
+def _key_infos(cls: type, prefix: str = "") -> dict[str, KeyInfo]:
+    out: dict[str, KeyInfo] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(_key_infos(tp, f"{name}."))
+            continue
+        if "resume" not in f.metadata:
+            raise AssertionError(f"config key {name} is declared without key(..., resume=...)")
+        m = f.metadata
+        trainer = m["trainer"] or {}
+        if isinstance(trainer, str):
+            trainer = (trainer,)
+        if isinstance(trainer, tuple):
+            trainer = dict.fromkeys(trainer, name)
+        out[name] = KeyInfo(name, tp, f.default, m["resume"], m["check"], trainer, m["accelerate"])
+    return out
+
+
+KEYS: dict[str, KeyInfo] = _key_infos(Config)
+"""Every leaf key, in declaration order: 'seed', ..., 'train.lr', ..."""
+# Config keys a resume must not change (saved with every checkpoint, compared on resume).
+TRAJECTORY_KEYS = tuple(k for k, info in KEYS.items() if info.resume == "fixed")
+# Names users bring from the HF Trainer / run_glue.py -> ours (for the unknown-key error).
+TRAINER_NAMES = {alias: say for info in KEYS.values() for alias, say in info.trainer.items()}
+
+
 # Written by the run into config.yaml for the record; read back, it is recomputed, not trusted.
 DERIVED_KEY = "derived"
-
-# Names users bring from the HF Trainer / run_glue.py -> ours (for the unknown-key error).
-TRAINER_NAMES = {
-    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "warmup_steps": "train.warmup_steps",
-    "per_device_train_batch_size": "train.micro_batch_size (the recipe is train.global_batch_size)",
-    "train_batch_size": "train.global_batch_size", "batch_size": "train.global_batch_size",
-    "gradient_accumulation_steps": "train.global_batch_size (accumulation is derived from it)",
-    "max_seq_length": "data.max_length", "eval_steps": "train.eval_every", "save_steps": "train.checkpoint_every",
-    "logging_steps": "train.log_every", "save_total_limit": "train.keep_checkpoints",
-    "load_best_model_at_end": "train.select_best", "model_name_or_path": "model.name", "task_name": "task",
-    "fp16": "precision=fp16", "bf16": "precision=bf16", "deepspeed": "distributed.zero_stage",
-    "adam_beta1": "train.adam_betas", "adam_beta2": "train.adam_betas", "adam_epsilon": "train.adam_eps",
-    "resume_from_checkpoint": "--resume", "overwrite_output_dir": "--overwrite", "max_length": "data.max_length",
-    "dataset_name": "task / data.source", "label_column_name": "data.label_field",
-}
-
 
 @dataclass(frozen=True)
 class Derived:
@@ -374,18 +444,6 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
 
-def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every dotted leaf key, e.g. ['seed', ..., 'train.lr', ...]."""
-    keys = []
-    for f in dataclasses.fields(cls):
-        tp = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys += all_keys(tp, f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
-
-
 def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}")
@@ -396,7 +454,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
         full = f"{prefix}{key}"
         if key not in hints:
             valid = [f"{prefix}{n}" for n in names]
-            raise ConfigError(f"{where}: unknown key '{full}'{_suggest(full, valid + all_keys())}")
+            raise ConfigError(f"{where}: unknown key '{full}'{_suggest(full, valid + list(KEYS))}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{full}.", where)
@@ -421,7 +479,7 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`['train.lr=3e-5', 'model.name=/m']` -> nested dict; values are read as YAML scalars."""
     tree: dict[str, Any] = {}
-    valid = all_keys()
+    valid = list(KEYS)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=4)")
@@ -496,56 +554,27 @@ def _dotted(tree: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def _finite(values: dict[str, float]) -> None:
-    for key, value in values.items():
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}={value} must be a finite number")
+def _check_values(cfg: Config) -> None:
+    """Each key's own bound (`key(check=...)`); every float is finite."""
+    flat = flat_dict(cfg)
+    for name, info in KEYS.items():
+        value = flat[name]
+        if value is None:
+            continue
+        shown = list(value) if isinstance(value, (tuple, list)) else value
+        floats = [v for v in (value if isinstance(value, (tuple, list)) else [value]) if isinstance(v, float)]
+        if not all(math.isfinite(v) for v in floats):
+            raise ConfigError(f"{name}={shown} must be a finite number")
+        if info.check is not None and not info.check.ok(value):
+            raise ConfigError(f"{name}={shown} {info.check.says}")
 
 
 def validate(cfg: Config) -> None:
     """Checks of single values and of combinations that need no hardware knowledge."""
-    t, d, data = cfg.train, cfg.distributed, cfg.data
+    t, d = cfg.train, cfg.distributed
     if cfg.task not in TASK_NAMES:
         get_task(cfg.task)  # raises with the closest name
-    _finite({"train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.adam_eps": t.adam_eps,
-             "train.warmup_ratio": t.warmup_ratio, "train.max_grad_norm": t.max_grad_norm,
-             "data.heldout_fraction": data.heldout_fraction, "train.adam_betas": sum(t.adam_betas),
-             **({"model.dropout": cfg.model.dropout} if cfg.model.dropout is not None else {})})
-    positive = {
-        "train.epochs": t.epochs,
-        "train.global_batch_size": t.global_batch_size,
-        "train.max_micro_batch_size": t.max_micro_batch_size,
-        "train.log_every": t.log_every,
-        "train.keep_checkpoints": t.keep_checkpoints,
-        "data.max_length": data.max_length,
-        "distributed.timeout_s": d.timeout_s,
-        **({"train.micro_batch_size": t.micro_batch_size} if t.micro_batch_size is not None else {}),
-        **({"data.pad_to_multiple_of": data.pad_to_multiple_of} if data.pad_to_multiple_of is not None else {}),
-        **({"train.max_steps": t.max_steps} if t.max_steps is not None else {}),
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1")
-    for key, value in {"train.eval_every": t.eval_every, "train.checkpoint_every": t.checkpoint_every,
-                       "train.early_stopping_patience": t.early_stopping_patience,
-                       "train.weight_decay": t.weight_decay, "train.warmup_steps": t.warmup_steps or 0,
-                       "train.max_grad_norm": t.max_grad_norm}.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be 0 (off) or positive")
-    if not 0.0 <= t.warmup_ratio <= 1.0:
-        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} must be between 0 and 1")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr={t.lr} must be positive")
-    if not all(0.0 <= b < 1.0 for b in t.adam_betas):
-        raise ConfigError(f"train.adam_betas={list(t.adam_betas)} must each be in [0, 1) (e.g. [0.9, 0.999])")
-    if t.adam_eps <= 0:
-        raise ConfigError(f"train.adam_eps={t.adam_eps} must be positive (e.g. 1e-8)")
-    if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
-    if not 0.0 <= data.heldout_fraction <= 0.5:
-        raise ConfigError(f"data.heldout_fraction={data.heldout_fraction} must be between 0 (off) and 0.5")
-    if d.zero_stage is not None and d.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"distributed.zero_stage={d.zero_stage} must be 0, 1, 2, 3 or null (plain DDP)")
+    _check_values(cfg)
     if d.offload_optimizer != "none" and not d.zero_stage:
         raise ConfigError(
             "distributed.offload_optimizer=cpu needs DeepSpeed ZeRO stage 1, 2 or 3; "
@@ -614,6 +643,16 @@ def flat_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def replace_keys(cfg: Config, values: dict[str, Any]) -> Config:
+    """`cfg` with dotted keys replaced, e.g. {"precision": "bf16", "train.max_grad_norm": 0.5}."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        section, _, leaf = name.rpartition(".")
+        sections.setdefault(section, {})[leaf] = value
+    top = sections.pop("", {})
+    return dataclasses.replace(cfg, **top, **{s: dataclasses.replace(getattr(cfg, s), **v) for s, v in sections.items()})
+
+
 def to_yaml(cfg: Config, derived: Derived | None = None) -> str:
     """The resolved config as YAML (+ the derived numbers). `resume` and `overwrite` say how one
     invocation treats the run directory, not what the run is: written as false, so that re-running
@@ -630,33 +669,33 @@ def dump_resolved(cfg: Config, derived: Derived | None, path: Path) -> None:
 
 
 def help_text() -> str:
-    """The config reference: every key, its type, default and docstring."""
+    """The config reference: every key, its type, default, resume rule, HF Trainer name and docstring."""
     import ast
     import inspect
 
-    lines = []
+    docs: dict[str, str] = {}
 
-    def docs(cls: type) -> dict[str, str]:
-        out, tree = {}, ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body  # type: ignore[attr-defined]
+    def read_docs(cls: type, prefix: str) -> None:
+        body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-                out[node.target.id] = " ".join(nxt.value.value.split())  # type: ignore[union-attr]
-        return out
-
-    def walk(cls: type, prefix: str) -> None:
-        doc = docs(cls)
+                docs[f"{prefix}{node.target.id}"] = " ".join(nxt.value.value.split())  # type: ignore[union-attr]
         for f in dataclasses.fields(cls):
             tp = _hints(cls)[f.name]
             if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else None
-            if isinstance(default, tuple):
-                default = list(default)
-            lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {default!r})")
-            if f.name in doc:
-                lines.append(f"      {doc[f.name]}")
+                read_docs(tp, f"{prefix}{f.name}.")
 
-    walk(Config, "")
+    read_docs(Config, "")
+    lines = []
+    for name, info in KEYS.items():
+        default = list(info.default) if isinstance(info.default, tuple) else info.default
+        notes = [f"default {default!r}"]
+        if info.resume == "fixed":
+            notes.append("fixed on resume")
+        aliases = [a for a, say in info.trainer.items() if say == name]
+        if aliases:
+            notes.append(f"HF Trainer: {', '.join(aliases)}")
+        lines.append(f"  {name} ({_type_name(info.type)}, {'; '.join(notes)})")
+        if name in docs:
+            lines.append(f"      {docs[name]}")
     return "\n".join(lines)

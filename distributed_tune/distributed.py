@@ -14,13 +14,12 @@ module level.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 from collections.abc import Mapping
 from typing import Any
 
-from distributed_tune.config import Config, batch_layout, validate
+from distributed_tune.config import Config, batch_layout, flat_dict, replace_keys, validate
 from distributed_tune.errors import ConfigError
 
 PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -128,21 +127,15 @@ def resolve_accelerate_settings(cfg: Config, explicit: frozenset[str], env: Mapp
     ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     from_file = set(_deepspeed_file_settings(ds_file)) if ds_file not in ("none", "") and \
         env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" else set()
-    changes: dict[str, dict[str, Any]] = {}
-    flat = {f"{s}.{f.name}" if s else f.name: (getattr(getattr(cfg, s), f.name) if s else getattr(cfg, f.name))
-            for s in ("", "distributed", "train") for f in dataclasses.fields(getattr(cfg, s) if s else cfg)
-            if not dataclasses.is_dataclass(getattr(getattr(cfg, s) if s else cfg, f.name))}
+    ours = flat_dict(cfg)
+    changes: dict[str, Any] = {}
     for key, value in wanted.items():
-        ours = flat[key]
-        if key in explicit and ours != value:
+        if key in explicit and ours[key] != value:
             where = f"the DeepSpeed file {ds_file}" if key in from_file else "accelerate (its config file or launch flags)"
-            raise ConfigError(f"{key}={ours} in the config but {where} says {value}; make them agree or remove one")
+            raise ConfigError(f"{key}={ours[key]} in the config but {where} says {value}; make them agree or remove one")
         if key not in explicit:
-            section, _, name = key.rpartition(".")
-            changes.setdefault(section, {})[name] = value
-    if changes:
-        top = changes.pop("", {})
-        cfg = dataclasses.replace(cfg, **top, **{s: dataclasses.replace(getattr(cfg, s), **v) for s, v in changes.items()})
+            changes[key] = value
+    cfg = replace_keys(cfg, changes)
     if accumulation is not None:
         world = env_world_size()
         micro, ours = batch_layout(cfg.train, world)
@@ -153,8 +146,7 @@ def resolve_accelerate_settings(cfg: Config, explicit: frozenset[str], env: Mapp
                     f"accelerate says gradient_accumulation_steps={accumulation} but train.global_batch_size={g} on "
                     f"{world} process(es) with micro batch {micro} gives {ours}; remove it from the accelerate "
                     "config (accumulation is derived from the global batch) or make them agree")
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                                     micro_batch_size=g // (world * accumulation)))
+            cfg = replace_keys(cfg, {"train.micro_batch_size": g // (world * accumulation)})
     validate(cfg)
     return cfg
 

@@ -126,7 +126,7 @@ def test_config_command_prints_the_resolved_config(tmp_path: Path, capsys: pytes
     assert data["data"]["source"] == "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"  # the task's default
     assert out.rstrip().splitlines()[-1] == "# world size 8: micro batch 4 x accumulation 1 = global batch 32"
     assert main(["config", "--keys"]) == 0
-    assert "  train.lr (float, default 2e-05)" in capsys.readouterr().out
+    assert "  train.lr (float, default 2e-05; fixed on resume; HF Trainer: learning_rate)" in capsys.readouterr().out
 
 
 def test_config_piped_into_head_ends_quietly(tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_config_piped_into_head_ends_quietly(tmp_path: Path) -> None:
 
     proc = subprocess.run(f"{sys.executable} -m distributed_tune config --keys | head -1", shell=True,
                           capture_output=True, text=True, cwd=REPO)
-    assert proc.stdout.startswith("  seed (int, default 42)") and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.startswith("  seed (int, default 42; fixed on resume)") and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
@@ -165,6 +165,58 @@ def test_non_utf8_yaml_and_a_directory_are_one_line(tmp_path: Path) -> None:
 
 
 def test_readme_config_reference_is_current() -> None:
+    """README's config reference is `config --keys`; UPDATE_README=1 rewrites it after a key changed."""
+    import os
+    import re
+
     from distributed_tune.config import help_text
 
-    assert help_text() in (REPO / "README.md").read_text(), "regenerate README's config reference from help_text()"
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if os.environ.get("UPDATE_README") == "1":
+        block = re.compile(r"(`python -m distributed_tune config --keys` prints this list:\n\n```\n).*?(\n```)", re.S)
+        assert block.search(text), "README lost its config reference block"
+        readme.write_text(block.sub(lambda m: m.group(1) + help_text() + m.group(2), text, count=1))
+        text = readme.read_text()
+    assert help_text() in text, "regenerate README's config reference: UPDATE_README=1 pytest tests/test_config.py"
+
+
+def test_every_key_declares_its_rules_on_the_field() -> None:
+    """The resume rule, Trainer names and accelerate settings live on each key (config.key); the
+    tables the package uses are derived from them. A key declared without a resume rule fails at
+    import; this pins which keys a resume may not change (the README's "Runs you can trust")."""
+    import dataclasses
+    import typing
+
+    from distributed_tune.config import KEYS, TRAINER_NAMES, TRAJECTORY_KEYS, Config
+    from distributed_tune.distributed import accelerate_settings
+
+    def leaves(cls: type, prefix: str = "") -> list[str]:
+        out, hints = [], typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                out += leaves(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                assert f.metadata.get("resume") in ("fixed", "free"), f"{prefix}{f.name} has no resume rule"
+                out.append(f"{prefix}{f.name}")
+        return out
+
+    assert leaves(Config) == list(KEYS)
+    assert set(TRAJECTORY_KEYS) == {
+        "seed", "task", "precision", "model.name", "model.revision", "model.dropout", "data.source",
+        "data.train_file", "data.validation_file", "data.text_fields", "data.label_field", "data.regression",
+        "data.max_length", "data.pad_to_multiple_of", "data.length_grouping", "data.heldout_fraction",
+        "train.epochs", "train.max_steps", "train.global_batch_size", "train.lr", "train.weight_decay",
+        "train.adam_betas", "train.adam_eps", "train.warmup_ratio", "train.warmup_steps", "train.max_grad_norm",
+        "distributed.zero_stage", "fp16.initial_scale_power", "fp16.loss_scale_window", "fp16.hysteresis",
+        "fp16.min_loss_scale"}
+    assert TRAINER_NAMES["learning_rate"] == "train.lr" and TRAINER_NAMES["fp16"] == "precision=fp16"
+    assert all(say.split(" ")[0].split("=")[0] in KEYS or say.startswith("--") or "/" in say
+               for say in TRAINER_NAMES.values()), TRAINER_NAMES
+    # Every key accelerate's settings can supply says so on the key.
+    env = {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_USE_DEEPSPEED": "true",
+           "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
+           "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu", "ACCELERATE_GRADIENT_CLIPPING": "0.5",
+           "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}
+    supplied = set(accelerate_settings(env))
+    assert supplied == {k for k, info in KEYS.items() if info.accelerate}, supplied
