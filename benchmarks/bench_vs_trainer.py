@@ -65,9 +65,11 @@ def run_ours(args: argparse.Namespace, seed: int, precision: str, out: Path, ext
     if proc.returncode != 0:
         raise RuntimeError(f"distributed_tune failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     wall = time.perf_counter() - t0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    summary = next(r for r in records if r.get("event") == "train_summary")
-    dev = [r for r in records if r.get("split") == "dev"]
+    from distributed_tune import records
+
+    rows = records.read(out / "metrics.jsonl")
+    summary = records.events(rows, records.TRAIN_SUMMARY)[0]
+    dev = records.evaluations(rows, "dev")
     steps_per_epoch = 8551 // args.batch_size
     return {
         "samples_per_s": summary["samples_per_s"], "tokens_per_s": summary["tokens_per_s"],

@@ -25,9 +25,9 @@ import math
 import sys
 from pathlib import Path
 
+from distributed_tune import records
 from distributed_tune.config import load_config
 from distributed_tune.data import HELDOUT
-from distributed_tune.metrics import read_metrics
 from distributed_tune.train import Progress
 
 
@@ -65,15 +65,15 @@ def new_rule(values: list[float], collapsed: list[bool], patience: int) -> int |
 def analyse(run_dir: Path, patience: int | None) -> dict:
     cfg = load_config(run_dir / "config.yaml")
     metric, reported = cfg.task_spec.main_metric, cfg.task_spec.selection_split
-    records = read_metrics(run_dir / "metrics.jsonl")
-    evals = [r for r in records if "split" in r and r.get(metric) is not None]
+    rows = records.read(run_dir / "metrics.jsonl")
+    evals = [r for r in records.evaluations(rows) if r.get(metric) is not None]
     selection = HELDOUT if any(r["split"] == HELDOUT for r in evals) else reported
     chosen = {r["optimizer_step"]: r for r in evals if r["split"] == selection}  # the last record of a step wins
     dev = {r["optimizer_step"]: float(r[metric]) for r in evals if r["split"] == reported}
     steps = sorted(chosen)
     values = [float(chosen[s][metric]) for s in steps]
     collapsed = [bool(chosen[s].get("collapsed")) for s in steps]
-    finished = next((r for r in records if r.get("event") == "finished"), None)
+    finished = next(iter(records.events(rows, records.FINISHED)), None)
     p = cfg.train.early_stopping_patience if patience is None else patience
 
     def kept(stop: int | None) -> tuple[int | None, float | None]:

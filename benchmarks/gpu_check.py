@@ -93,15 +93,18 @@ def worker(spec: dict[str, Any]) -> None:
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "loss_scale_final": float(scale) if scale is not None else None,
-        "skipped_steps": recipe.progress.skipped_steps,
+        "skipped_steps": recipe.state.progress.skipped_steps,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
     Path(spec["result"]).write_text(json.dumps(out))
 
 
 def summarise(run_dir: Path, result: dict[str, Any], precision: str, batch: int, initial_scale_power: int) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = next((r for r in reversed(records) if r.get("event") == "train_summary"), {})
+    from distributed_tune import records
+
+    rows = records.read(run_dir / "metrics.jsonl")
+    summary = next(reversed(records.events(rows, records.TRAIN_SUMMARY)), {})
+    losses = [r["loss"] for r in records.train_steps(rows)]
     steps = summary.get("optimizer_steps", 0)
     scale = result["loss_scale_final"]
     return {
@@ -117,8 +120,8 @@ def summarise(run_dir: Path, result: dict[str, Any], precision: str, batch: int,
         "mfu": summary.get("mfu"),
         "loss_scale": (f"2^{initial_scale_power} -> {scale:g}, {result['skipped_steps']} skipped steps"
                        if scale is not None else "n/a"),
-        "first_loss": next((r["loss"] for r in records if "loss" in r), None),
-        "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
         "engine": result["engine"],
         "device": result["device"],
         "wall_s": result["wall_s"],

@@ -128,9 +128,11 @@ class Suite:
             if proc.returncode != 0:
                 row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
                 return row
-            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            last = {r["split"]: r for r in records if "split" in r}
-            summary = next((r for r in records if r.get("event") == "train_summary"), {})
+            from distributed_tune import records
+
+            rows = records.read(run / "metrics.jsonl")
+            last = {r["split"]: r for r in records.evaluations(rows)}
+            summary = next(iter(records.events(rows, records.TRAIN_SUMMARY)), {})
             ckpt = sorted((run / "checkpoints").iterdir())[-1]
             row.update(n={s: r["n"] for s, r in last.items()}, mcc=last["dev"]["mcc"],
                        engine="DeepSpeed" if (ckpt / "pytorch_model").is_dir() else "torch",

@@ -28,10 +28,10 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from distributed_tune import records
 from distributed_tune.config import TRAJECTORY_KEYS, Config, flat_dict
 from distributed_tune.errors import RunDirError
 from distributed_tune.files import atomic_write_json, sha256_file
-from distributed_tune.metrics import read_metrics
 
 MANIFEST = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -239,7 +239,7 @@ def check_output_dir(run_dir: Path) -> None:
 
 def run_finished(run_dir: Path) -> bool:
     path = run_dir / "metrics.jsonl"
-    return path.is_file() and any(r.get("event") == "finished" for r in read_metrics(path))
+    return path.is_file() and records.finished(records.read(path))
 
 
 def refuse_used_run_dir(cfg: Config) -> Path:

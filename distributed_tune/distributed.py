@@ -228,7 +228,7 @@ def check_rendered_deepspeed_file(ds_config: dict[str, Any]) -> None:
 
 
 def check_world_size(accelerator: Any) -> None:
-    """PLATFORM.md's silent trap: the launcher started N processes, but each believes it is alone
+    """The silent trap: the launcher started N processes, but each believes it is alone
     (and would train / evaluate on all the data)."""
     world = env_world_size()
     if accelerator.num_processes != world:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from distributed_tune.data import Tokenized, collate, eval_shard
+from distributed_tune.files import atomic_write_jsonl
 from distributed_tune.metrics import confusion, mcc
 from distributed_tune.tasks import Example, Task
 
@@ -108,6 +110,12 @@ def example_fields(index: int, e: Example, task: Task) -> dict[str, Any]:
 def example_rows(task: Task, label_names: tuple[str, ...], examples: list[Example], outputs: np.ndarray):
     for i, (e, out) in enumerate(zip(examples, outputs)):
         yield prediction_row(task, label_names, out, **example_fields(i, e, task))
+
+
+def write_predictions(path: Path, task: Task, label_names: tuple[str, ...], examples: list[Example],
+                      outputs: np.ndarray) -> None:
+    """predictions.jsonl: one row per evaluation example (its fields and the model's prediction), atomically."""
+    atomic_write_jsonl(path, example_rows(task, label_names, examples, outputs))
 
 
 def metrics_by_source(labels: np.ndarray, preds: np.ndarray, sources: list[str]) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Evaluation metrics (one function per task kind) and the run's metrics.jsonl.
+"""Evaluation metrics (one function per task kind).
 
     score(task, labels, preds)  ->  {"n": 1043, "mcc": 0.52, "accuracy": 0.83, "confusion_matrix": ..., ...}
 
@@ -9,20 +9,14 @@ Regression: Pearson and Spearman correlation and the mean squared error.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distributed_tune.files import atomic_write_jsonl
 from distributed_tune.tasks import Task
 
-METRICS = ("mcc", "accuracy", "f1", "pearson", "spearman")
-
-
 # Plain numpy, not scikit-learn / scipy: the same formulas, without the ~2 s their imports add to
-# every process that evaluates (a third of a small run's start-up; PLATFORM.md "Import cost").
+# every process that evaluates (a third of a small run's start-up on a 2-core machine).
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.ndarray:
@@ -109,41 +103,3 @@ def score_splits(task: Task, labels: np.ndarray, preds: np.ndarray, splits: list
     if task.combined_split:
         out[task.combined_split] = score(task, labels, preds, num_labels)
     return out
-
-
-def main_value(task: Task, result: dict[str, dict[str, Any]]) -> float:
-    """The number that selects the best model: the task's first metric on its selection split."""
-    return float(result[task.selection_split][task.main_metric])
-
-
-class MetricsLog:
-    """Appends one JSON object per line; only the main process writes."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def truncate_after(self, optimizer_step: int) -> None:
-        """On resume: drop what a crashed attempt logged after the checkpoint it resumes from
-        (those steps run again), and the attempt's own summary records."""
-        if not (self.enabled and self.path.is_file()):
-            return
-        keep = [r for r in read_metrics(self.path)
-                if r.get("optimizer_step", 0) <= optimizer_step
-                and r.get("event") not in ("train_summary", "finished", "stopped")]
-        atomic_write_jsonl(self.path, keep)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every record; a half-written last line (a process killed mid-write) is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records

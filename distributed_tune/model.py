@@ -179,8 +179,8 @@ def no_decay(name: str, param: torch.nn.Parameter) -> bool:
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Bias-corrected AdamW with decoupled weight decay on weight matrices only.
 
-    (The source tutorial passes `weight_decay_rate` in its groups, a key AdamW ignores, so no
-    decay was applied at all; here the groups use AdamW's real `weight_decay` key.)
+    (The classic BERT fine-tuning tutorials pass `weight_decay_rate` in these groups, a key AdamW
+    ignores, so no decay was applied at all; here the groups use AdamW's real `weight_decay` key.)
     """
     decay, skip = [], []
     for name, p in model.named_parameters():

@@ -1,7 +1,8 @@
 """Stop requests, caught from the first moment of the process.
 
     signals.install()          # in __main__, before torch/transformers are imported
-    signals.received           # None, or the first stop signal (USR1, TERM, INT)
+    signals.requested()        # None, or the first stop signal (USR1, TERM, INT)
+    with signals.stoppable():  # the training loop: Ctrl-C asks for a stop instead of aborting
 
 * SIGUSR1: SLURM's warning before the time limit (`--signal=B:USR1@N`); SIGTERM: `scancel`,
   preemption, a dying launcher. Both ask the loop to stop at the next optimizer-step boundary,
@@ -19,16 +20,20 @@ Imports only the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 STOP_FILE_ENV = "DT_STOP_FILE"
 
+# The handlers' state (a signal handler can only reach module state); read and changed through
+# the functions below.
 received: int | None = None
-training = False  # set by the loop once there is something to save
+training = False  # inside stoppable(): there is something to save, Ctrl-C stops instead of aborting
 _installed = False
 _first_sigint = 0.0
 # Ctrl-C reaches every process of the terminal's process group, and torchrun forwards it to its
@@ -50,6 +55,30 @@ def _handle(signum: int, _frame: Any) -> None:
                   "(resume with --resume); Ctrl-C again aborts at once", file=sys.stderr, flush=True)
     if received is None or signum == signal.SIGINT:
         received = signum
+
+
+def requested() -> int | None:
+    """The stop signal this process received (or was told of by `request`), else None."""
+    return received
+
+
+def request(signum: int) -> None:
+    """Another rank received `signum`: stop here too (the loop's consensus), unless a stop is already asked."""
+    global received
+    if received is None:
+        received = signum
+
+
+@contextlib.contextmanager
+def stoppable() -> Iterator[None]:
+    """While training: a stop signal (Ctrl-C included) is answered at the next step boundary with a
+    checkpoint; outside, Ctrl-C aborts at once (there is nothing to save yet, or it is saved)."""
+    global training
+    training = True
+    try:
+        yield
+    finally:
+        training = False
 
 
 def install() -> None:

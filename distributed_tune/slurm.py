@@ -1,7 +1,8 @@
 """SLURM batch scripts for a run, and for a sweep's job array (the library side of `submit` and
 `sweep --slurm`).
 
-The script's shape (ANCHORS.md, "SLURM conventions"):
+The script's shape (the conventions SLURM users expect, and the multi-node traps reported against
+accelerate: every node rank 0, a forgotten srun, pdsh needing ssh):
   * one launcher per node: ``--ntasks-per-node=1`` and ``srun``, which starts ``accelerate launch``
     (torchrun underneath) once per node; no pdsh, no ssh;
   * the rendezvous host is the first node of ``scontrol show hostnames "$SLURM_JOB_NODELIST"``,

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distributed_tune import records
 from distributed_tune.data import HELDOUT
-from distributed_tune.metrics import read_metrics
 from distributed_tune.tasks import Task
 
 
@@ -47,15 +47,13 @@ def run_result(run_dir: Path, task: Task, label: str = "") -> RunResult:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return RunResult(label or run_dir.name, "missing")
-    records = read_metrics(path)
-    return result_from_records(records, task, label or run_dir.name)
+    return result_from_records(records.read(path), task, label or run_dir.name)
 
 
-def result_from_records(records: list[dict[str, Any]], task: Task, label: str) -> RunResult:
+def result_from_records(rows: list[dict[str, Any]], task: Task, label: str) -> RunResult:
     metric, split = task.main_metric, task.selection_split
-    finished = any(r.get("event") == "finished" for r in records)
-    status = "done" if finished else "incomplete"
-    evals = [r for r in records if "split" in r and r.get(metric) is not None]
+    status = "done" if records.finished(rows) else "incomplete"
+    evals = [r for r in records.evaluations(rows) if r.get(metric) is not None]
     heldout = any(r["split"] == HELDOUT for r in evals)
     selection = HELDOUT if heldout else split
     chosen = [r for r in evals if r["split"] == selection]

@@ -105,11 +105,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def train_losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    from distributed_tune import records
+
+    return [r["loss"] for r in records.train_steps(read_jsonl(run_dir / "metrics.jsonl"))]
 
 
 def evals(run_dir: Path) -> list[dict]:
-    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "split" in r]
+    from distributed_tune import records
+
+    return records.evaluations(read_jsonl(run_dir / "metrics.jsonl"))
 
 
 @pytest.fixture(scope="session")

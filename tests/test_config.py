@@ -11,6 +11,8 @@ from distributed_tune.cli import main
 from distributed_tune.config import derive, dump_resolved, load_config, read_yaml
 from distributed_tune.errors import ConfigError
 
+pytestmark = pytest.mark.fast  # in this process, no launcher: the quick tier
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -179,6 +181,23 @@ def test_readme_config_reference_is_current() -> None:
         readme.write_text(block.sub(lambda m: m.group(1) + help_text() + m.group(2), text, count=1))
         text = readme.read_text()
     assert help_text() in text, "regenerate README's config reference: UPDATE_README=1 pytest tests/test_config.py"
+
+
+def test_readme_metrics_schema_is_current() -> None:
+    """README's table of metrics.jsonl is records.markdown_table(); UPDATE_README=1 rewrites it."""
+    import os
+    import re
+
+    from distributed_tune import records
+
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if os.environ.get("UPDATE_README") == "1":
+        block = re.compile(r"(<!-- records -->\n).*?(\n<!-- /records -->)", re.S)
+        assert block.search(text), "README lost its metrics.jsonl table"
+        readme.write_text(block.sub(lambda m: m.group(1) + records.markdown_table() + m.group(2), text, count=1))
+        text = readme.read_text()
+    assert records.markdown_table() in text, "regenerate README's metrics.jsonl table: UPDATE_README=1 pytest tests/test_config.py"
 
 
 def test_every_key_declares_its_rules_on_the_field() -> None:

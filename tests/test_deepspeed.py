@@ -48,7 +48,7 @@ SHARDS = {
 SHARDS["zero2"] = SHARDS["zero2_offload"] = SHARDS["zero1"]
 SHARDS["zero3_bf16"] = {f.replace("zero_pp", "bf16_zero_pp") if "optim" in f else f for f in SHARDS["zero3"]}
 
-# DDP vs DeepSpeed: the same arithmetic in another order (PLATFORM.md: ~1e-7 at first).
+# DDP vs DeepSpeed: the same arithmetic in another order (measured: ~1e-7 at first).
 LOSS_TOL_FP32 = 1e-5
 LOSS_TOL_BF16 = 2e-2  # bf16 weights and activations against an fp32 run
 

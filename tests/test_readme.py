@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, read_jsonl, subprocess_env
 
+from distributed_tune import records
+
 README = REPO / "README.md"
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -91,7 +93,7 @@ def ci_line(command: str) -> None:
 def run_readme_command(command: str, env: Env, cwd: Path) -> str:
     """Run one README/header command by its rule; returns what was done (for the printed table)."""
     argv = shlex.split(command)
-    if command.startswith(("pip install", "python -m pytest", "bash .ci/")):
+    if command.startswith(("pip install", "python -m pytest", "bash .ci/", "ruff check")):
         ci_line(command)
         return "run by .ci/run"
     if argv[0] == "sbatch":
@@ -197,5 +199,5 @@ def test_every_config_header_command_runs(env: Env, config: Path) -> None:
         how = run_readme_command(command, env, cwd)
         print(f"{how:60s} {command}")
         if "--num_processes 4" in command:
-            logged = [r for r in read_jsonl(cwd / "runs" / "cola_bert_base" / "metrics.jsonl") if "split" in r]
+            logged = records.evaluations(read_jsonl(cwd / "runs" / "cola_bert_base" / "metrics.jsonl"))
             assert {r["world_size"] for r in logged} == {4} and {r["n"] for r in logged} == {527, 516, 1043}

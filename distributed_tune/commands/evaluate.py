@@ -117,9 +117,9 @@ def run_logged_eval(target: Target) -> dict[str, Any] | None:
     the last one), split -> record; None for a bare model folder."""
     if target.run_dir is None or not (target.run_dir / "metrics.jsonl").is_file():
         return None
-    from distributed_tune.metrics import read_metrics
+    from distributed_tune import records
 
-    evals = [r for r in read_metrics(target.run_dir / "metrics.jsonl") if "split" in r]
+    evals = records.evaluations(records.read(target.run_dir / "metrics.jsonl"))
     if not evals:
         return None
     info = target.training_info or {}

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distributed_tune import records
 from distributed_tune import sweeps as sweeps
 from distributed_tune.config import load_config
 from distributed_tune.errors import ConfigError, RunDirError
 from distributed_tune.files import atomic_write_text
-from distributed_tune.metrics import read_metrics
 from distributed_tune.tasks import Task
 
 DPI = 100
@@ -41,15 +41,15 @@ IMAGES = ("training.png", "evaluation.png", "confusion.png")
 class Run:
     label: str  # "run" or "seed 42" / "train.lr=5e-5 seed 42"
     path: Path
-    records: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # its metrics.jsonl
 
     @property
     def train(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if "loss" in r and "optimizer_step" in r and "split" not in r]
+        return records.train_steps(self.rows)
 
     @property
     def evals(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if "split" in r]
+        return records.evaluations(self.rows)
 
     def series(self, split: str, metric: str) -> tuple[list[int], list[float]]:
         rows = [r for r in self.evals if r["split"] == split and metric in r]
@@ -63,14 +63,14 @@ def find_runs(target: Path) -> tuple[str, list[Run], Task, Path | None]:
     if (target / "metrics.jsonl").is_file():
         config = target / "config.yaml"
         task = load_config(config).task_spec if config.is_file() else load_config().task_spec
-        return "run", [Run("run", target, read_metrics(target / "metrics.jsonl"))], task, config
+        return "run", [Run("run", target, records.read(target / "metrics.jsonl"))], task, config
     if (target / sweeps.SWEEP_JSON).is_file():
         sweep, cfg = sweeps.read_sweep(target)
         runs = []
         for setting, seed, run_dir in sweep.runs(target):
             if (run_dir / "metrics.jsonl").is_file():
                 label = f"{setting.name} seed {seed}" if setting.overrides else f"seed {seed}"
-                runs.append(Run(label, run_dir, read_metrics(run_dir / "metrics.jsonl")))
+                runs.append(Run(label, run_dir, records.read(run_dir / "metrics.jsonl")))
         if not runs:
             raise RunDirError(f"{target}: no run has metrics yet; run the sweep first")
         return "sweep", runs, cfg.task_spec, runs[0].path / "config.yaml"
@@ -208,7 +208,7 @@ def throughput(run: Run) -> dict[str, Any]:
         values = [r[key] for r in run.train if r.get(key) is not None]
         return statistics.median(values) if values else None
 
-    whole = next((r for r in reversed(run.records) if r.get("event") == "train_summary"), {})
+    whole = next(reversed(records.events(run.rows, records.TRAIN_SUMMARY)), {})
     return {"windows": len(run.train), "samples_per_s": med("samples_per_s"), "tokens_per_s": med("tokens_per_s"),
             "padding_fraction": med("padding_fraction"), "run_samples_per_s": whole.get("samples_per_s"),
             "run_train_seconds": whole.get("train_seconds")}

@@ -160,9 +160,9 @@ def run(argv: list[str]) -> int:
     failed = []
     for setting, seed, run_dir, overrides, _ in plans:
         what = f"{setting.name + ' ' if setting.overrides else ''}seed {seed}"
-        if signals.received is not None:  # a stop signal between two runs
+        if signals.requested() is not None:  # a stop signal between two runs
             write_summary(sweep_dir)
-            print(f"[sweep] {signal.Signals(signals.received).name}: stopped before {what}; rerun the same command "
+            print(f"[sweep] {signal.Signals(signals.requested()).name}: stopped before {what}; rerun the same command "
                   "to resume", file=sys.stderr, flush=True)
             return 0
         if checkpoint.run_finished(run_dir):

@@ -1,0 +1,76 @@
+"""The run directory while a run owns it: one writer (the lock), the STOPPED marker a batch script
+requeues on, and a full disk said in one line.
+
+    run_dir = RunDir(cfg)                  # refuses a used output_dir without --resume / --overwrite
+    with run_dir.owned():                  # a full disk anywhere inside: one RunDirError line
+        ...; run_dir.claim(accelerator)     # rank 0 takes the lock; every rank learns if it got it
+        ...; run_dir.mark_stopped(...)      # the run stopped for a signal with a checkpoint
+
+The lock is released when `owned()` ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from distributed_tune import checkpoint
+from distributed_tune.config import Config
+from distributed_tune.errors import RunDirError
+from distributed_tune.files import RunLock, atomic_write_json
+
+STOPPED = "STOPPED"  # marker: the run stopped for a signal with a checkpoint; a batch script requeues
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class RunDir:
+    def __init__(self, cfg: Config) -> None:
+        self.path = checkpoint.refuse_used_run_dir(cfg)  # before anything loads or is written
+        self.lock: RunLock | None = None
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @contextlib.contextmanager
+    def owned(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            last = checkpoint.latest_good(self.path, warn=lambda _: None)
+            raise RunDirError(
+                f"could not write {e.filename or 'a file'} ({e.strerror}): the disk is full or a file size limit is "
+                f"reached; the newest complete checkpoint ({last or 'none yet'}) is kept; free disk space and "
+                "resume with --resume") from None
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def claim(self, accelerator: Any) -> None:
+        """Rank 0 holds the run directory's lock; every rank learns whether it got it."""
+        from accelerate.utils import broadcast_object_list
+
+        problem = [None]
+        if accelerator.is_main_process:
+            try:
+                self.lock = RunLock(self.path).acquire()
+            except RunDirError as e:
+                problem = [str(e)]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(problem, from_process=0)
+        if problem[0]:
+            raise RunDirError(problem[0])
+
+    def new_attempt(self) -> None:
+        """Rank 0, once the attempt is accepted: an earlier attempt's STOPPED no longer holds."""
+        (self.path / STOPPED).unlink(missing_ok=True)
+
+    def mark_stopped(self, signal_name: str, optimizer_step: int) -> None:
+        """Rank 0: the run stopped for a signal, with this step's checkpoint (what a batch script requeues on)."""
+        ckpt = self.path / "checkpoints" / checkpoint.checkpoint_name(optimizer_step)
+        atomic_write_json(self.path / STOPPED, {"signal": signal_name, "optimizer_step": optimizer_step,
+                                                "checkpoint": str(ckpt)})
