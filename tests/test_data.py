@@ -36,6 +36,8 @@ from distributed_tune.errors import DataError
 from distributed_tune.tasks import get_task
 from distributed_tune.tasks.cola import IN_DOMAIN, OUT_OF_DOMAIN, download_official, read_tsv
 
+pytestmark = pytest.mark.fast  # in this process, no launcher: the quick tier
+
 COLA = get_task("cola")
 
 

@@ -14,6 +14,8 @@ from distributed_tune.errors import ModelError
 from distributed_tune.metrics import classification_metrics, regression_metrics
 from distributed_tune.model import build_optimizer, linear_warmup_decay, load_model, load_tokenizer
 
+pytestmark = pytest.mark.fast  # in this process, no launcher: the quick tier
+
 COLA = ("unacceptable", "acceptable")
 
 

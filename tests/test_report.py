@@ -86,6 +86,7 @@ def test_run_report(sweep_dir: Path, tmp_path: Path, capsys) -> None:
     assert "```yaml\nseed: 43\n" in md
 
 
+@pytest.mark.fast
 def test_report_bad_input(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "none")]) == 2
     assert "no such directory" in capsys.readouterr().err

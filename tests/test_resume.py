@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 from shims.harness import (
     Cluster,
     final_dev,
@@ -92,6 +93,7 @@ def test_zero2_two_nodes_preempt_resume_is_exact(tmp_path: Path, tiny_model: Pat
         (reference / "model" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.fast
 def test_rotation_keeps_the_new_checkpoint_beside_a_damaged_newer_one(tmp_path: Path) -> None:
     """Resumed from step 2 because step 5 is damaged, then saving step 3 with keep=2: step 1 goes,
     step 2 and the new step 3 stay (the damaged step 5 is not counted as one of the newest)."""

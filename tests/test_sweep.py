@@ -29,6 +29,7 @@ def dev(step: int, mcc: float, collapsed: bool = False, split: str = "dev") -> d
     return {"split": split, "optimizer_step": step, "mcc": mcc, "accuracy": 0.7, "collapsed": collapsed}
 
 
+@pytest.mark.fast
 def test_summary_arithmetic_on_a_scripted_list() -> None:
     train = {"optimizer_step": 10, "loss": 0.6, "lr": 1e-5}
     done = {"event": "finished"}

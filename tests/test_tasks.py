@@ -307,6 +307,7 @@ def test_logged_metrics_equal_the_hand_computed_ones(runs: Runs, run: str) -> No
     assert info["optimizer_step"] == best["optimizer_step"] and info["value"] == pytest.approx(best[metric])
 
 
+@pytest.mark.fast
 def test_each_glue_task_reports_the_benchmarks_metrics() -> None:
     """GLUE's metrics per task (the first one selects the best model), its evaluation splits, and
     its submission files, against the seam's Task specs."""
@@ -479,6 +480,7 @@ def test_evaluate_reproduces_the_runs_own_numbers(runs: Runs, name: str) -> None
 # --------------------------------------------------------------------------- the sources agree
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("task", ["mnli", "stsb"])
 def test_tsv_files_and_datasets_folder_give_the_same_examples(root: Path, task: str) -> None:
     from distributed_tune.config import load_config
@@ -543,6 +545,7 @@ BAD = {
 }
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_rows_are_one_line_naming_file_and_line(root: Path, tmp_path: Path, case: str) -> None:
     from distributed_tune.config import load_config
@@ -572,6 +575,7 @@ def test_bad_row_through_the_cli(root: Path, runs: Runs, tmp_path: Path) -> None
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.fast
 def test_mrpc_header_byte_order_mark_and_qqp_line_separator_are_read(root: Path) -> None:
     """GLUE's MRPC header starts with U+FEFF; a QQP question may hold U+2028 (not a line end)."""
     from distributed_tune.config import load_config

@@ -1,0 +1,135 @@
+"""The loop's decisions, in this process: the step boundary as a pure function, and `Recipe` runs
+on the tiny BERT (no subprocess, no process group: seconds each).
+
+    python -m pytest -q -m fast tests         # the quick tier (this file and the other unit tests)
+
+The same runs through the real CLI and launchers are tests/test_train.py, test_resume.py, ...;
+the first test here checks that an in-process run is that run (the same pinned losses).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import evals, read_jsonl, train_losses
+from test_train import PINNED_LOSSES
+
+from distributed_tune import checkpoint, records, signals
+from distributed_tune.config import Derived, TrainConfig, load_config
+from distributed_tune.errors import RunDirError, TrainingError
+from distributed_tune.train import CONSENSUS_EVERY, Outcome, Recipe, boundary
+
+pytestmark = pytest.mark.fast
+
+
+def derived(steps_per_epoch: int, total_steps: int) -> Derived:
+    return Derived(world_size=1, micro_batch_size=32, gradient_accumulation_steps=1, global_batch_size=32,
+                   train_examples=32 * steps_per_epoch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                   warmup_steps=0, pad_to_multiple_of=1)
+
+
+def test_the_step_boundary_is_a_function_of_progress_and_config() -> None:
+    t = TrainConfig(eval_every=50, checkpoint_every=0, log_every=10)
+    d = derived(steps_per_epoch=267, total_steps=3 * 267)
+
+    def at(step: int) -> tuple[bool, ...]:
+        b = boundary(step, (step - 1) % 267 + 1, t, d)
+        return b.check, b.log, b.evaluate, b.save, b.epoch_end, b.done
+
+    assert at(7) == (False,) * 6
+    assert at(CONSENSUS_EVERY) == (True, True, False, False, False, False)
+    assert at(50) == (True, True, True, False, False, False)
+    assert at(267) == (True, False, True, True, True, False)  # an epoch end: evaluate and save
+    assert at(801) == (True, True, True, True, True, True)  # the last step is logged and evaluated
+    saving = TrainConfig(eval_every=0, checkpoint_every=4, log_every=3)
+    assert [s for s in range(1, 13) if boundary(s, s, saving, d).save] == [4, 8, 12]
+    assert [s for s in range(1, 13) if boundary(s, s, saving, d).evaluate] == []
+
+    b = boundary(267, 267, t, d)
+    assert (b.outcome(stopping=False, early_stop=False), b.outcome(False, True), b.outcome(True, True)) == (
+        Outcome.EPOCH_END, Outcome.EARLY_STOP, Outcome.STOPPED)
+    assert boundary(5, 5, t, d).outcome(False, False) is None
+    assert boundary(801, 267, t, d).outcome(False, False) is Outcome.DONE
+
+
+@pytest.fixture()
+def in_process(tiny_model: Path, cola_dir: Path, cache_dir: Path):
+    """Run `Recipe` here: the tiny model, the test data, one thread (as the CLI tests' processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def run(run_dir: Path, *overrides: str) -> dict:
+        cfg = load_config(None, [f"model.name={tiny_model}", f"data.source={cola_dir}", f"data.cache_dir={cache_dir}",
+                                 "train.epochs=1", "train.max_steps=8", "train.log_every=1",
+                                 "train.global_batch_size=16", "train.micro_batch_size=8", "train.lr=1e-3",
+                                 f"output_dir={run_dir}", *overrides])
+        return Recipe(cfg).run()
+
+    yield run
+    signals.reset()
+    torch.set_num_threads(threads)
+
+
+def test_an_in_process_run_is_the_cli_run(in_process, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert in_process(run, "train.eval_every=4", "train.checkpoint_every=4") == {"optimizer_step": 8, "outcome": "done"}
+    assert train_losses(run) == pytest.approx(PINNED_LOSSES, rel=1e-4)
+    assert [(r["optimizer_step"], r["split"]) for r in evals(run)] == [
+        (step, split) for step in (4, 8) for split in ("in_domain_dev", "out_of_domain_dev", "dev")]
+    assert [c.name for c in checkpoint.list_checkpoints(run)] == ["step_00000004", "step_00000008"]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [records.kind(r) for r in rows][-2:] == [records.TRAIN_SUMMARY, records.FINISHED]
+    assert records.events(rows, records.FINISHED)[0]["outcome"] == "done"
+
+
+def test_a_stop_signal_saves_at_the_next_check_and_the_resume_is_exact(in_process, tmp_path: Path) -> None:
+    """A stop asked before the first step (as a SLURM warning during start-up) is seen at the first
+    check, step CONSENSUS_EVERY: checkpoint there, STOPPED, outcome stopped; the resumed run logs the
+    uninterrupted run's losses."""
+    common = ("train.max_steps=16", "train.eval_every=0", "model.dropout=0.1")
+    whole = tmp_path / "whole"
+    in_process(whole, *common)
+    stopped = tmp_path / "stopped"
+    signals.request(signal.SIGUSR1)
+    result = in_process(stopped, *common)
+    assert result == {"optimizer_step": CONSENSUS_EVERY, "outcome": "stopped", "signal": "SIGUSR1"}
+    assert (stopped / "STOPPED").is_file()
+    assert [c.name for c in checkpoint.list_checkpoints(stopped)] == [checkpoint.checkpoint_name(CONSENSUS_EVERY)]
+    assert not (stopped / "model").exists()
+    signals.reset()
+    assert in_process(stopped, *common, "resume=true")["outcome"] == "done"
+    assert not (stopped / "STOPPED").exists()
+    assert train_losses(stopped) == train_losses(whole)  # bit for bit
+    assert in_process(stopped, *common, "resume=true")["outcome"] == "already_finished"
+
+
+def test_max_steps_and_epoch_ends_decide_evaluations_and_checkpoints(in_process, tmp_path: Path) -> None:
+    """16 sentences a step over 8551: 534 steps an epoch; max_steps ends the run after 6, with one
+    evaluation at the end only (eval_every=0) and no checkpoint (checkpoint_every=0, no epoch end)."""
+    run = tmp_path / "run"
+    in_process(run, "train.max_steps=6", "train.eval_every=0", "train.log_every=4")
+    assert [r["optimizer_step"] for r in records.train_steps(read_jsonl(run / "metrics.jsonl"))] == [4, 6]
+    assert {r["optimizer_step"] for r in evals(run)} == {6}
+    assert checkpoint.list_checkpoints(run) == []
+    info = (run / "model" / "training_info.json").read_text()
+    assert '"optimizer_step": 6' in info
+
+
+def test_a_non_finite_loss_names_the_first_bad_step(in_process, tmp_path: Path) -> None:
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingError, match=r"^non-finite loss at optimizer step 2 \(epoch 0\); last good checkpoint: "
+                                            rf"{run}/checkpoints/step_00000001;"):
+        in_process(run, "train.lr=1e30", "train.max_grad_norm=0", "train.checkpoint_every=1", "train.eval_every=0",
+                   "train.max_steps=20")
+
+
+def test_a_used_run_directory_is_refused_before_anything_loads(in_process, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    in_process(run, "train.max_steps=2", "train.eval_every=0")
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunDirError, match="already holds a run"):
+        in_process(run, "train.max_steps=2")
+    assert (run / "metrics.jsonl").read_bytes() == before
