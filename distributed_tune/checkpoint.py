@@ -29,7 +29,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from distributed_tune import records
-from distributed_tune.config import TRAJECTORY_KEYS, Config, flat_dict
+from distributed_tune.config import LENGTH_KEYS, TRAJECTORY_KEYS, Config, flat_dict
 from distributed_tune.errors import RunDirError
 from distributed_tune.files import atomic_write_json, sha256_file
 
@@ -181,17 +181,20 @@ def trajectory(cfg: Config, fingerprint: dict[str, str] | None = None) -> dict[s
 
 
 def check_resumable(ckpt: Path, state: dict[str, Any], cfg: Config, world_size: int, here: str,
-                    fingerprint: dict[str, str] | None = None) -> None:
+                    fingerprint: dict[str, str] | None = None, total_steps: int | None = None) -> tuple[int, int] | None:
     """Refuse a resume that would not continue the saved run: another recipe (one line naming each
-    changed key with both values), ZeRO shards over another number of processes. `here`
-    describes the new world, e.g. "this run has 4"."""
+    changed key with both values), a shorter run, ZeRO shards over another number of processes.
+    `here` describes the new world, e.g. "this run has 4". With `total_steps` (the run's length
+    now), returns (length before, length now) when the resume makes the run longer."""
     saved = state.get("trajectory", {})
     now = trajectory(cfg, fingerprint)
-    changed = [k for k in now if k in saved and saved[k] != now[k] and (k != "data.sha256" or fingerprint)]
-    if changed:
-        def show(v: Any) -> str:
-            return json.dumps(v) if not isinstance(v, str) else v
+    changed = [k for k in now if k in saved and saved[k] != now[k] and (k != "data.sha256" or fingerprint)
+               and k not in LENGTH_KEYS]
 
+    def show(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, str) else v
+
+    if changed:
         def diff(k: str) -> str:
             if k != "data.sha256":
                 return f"{k}: {show(saved[k])} in the checkpoint, {show(now[k])} now"
@@ -204,6 +207,16 @@ def check_resumable(ckpt: Path, state: dict[str, Any], cfg: Config, world_size: 
             f"{ckpt} cannot be resumed with a changed recipe ({diffs}); resume with the run's own settings "
             "(its config.yaml), or start a new run in another output_dir"
         )
+    extension = None
+    length = [k for k in LENGTH_KEYS if k in saved and saved[k] != now[k]]
+    if length and total_steps is not None:
+        before = state.get("total_steps", state["optimizer_step"])
+        diffs = "; ".join(f"{k}: {show(saved[k])} in the checkpoint, {show(now[k])} now" for k in length)
+        if total_steps < before:
+            raise RunDirError(f"{ckpt} cannot be resumed with a shorter run ({diffs}: {before} -> {total_steps} "
+                              "optimizer steps); a resume may make a run longer, never shorter: resume with the run's "
+                              "own length, or start a new run in another output_dir")
+        extension = (before, total_steps) if total_steps > before else None
     zero = state.get("zero_stage")
     if zero is not None and state["world_size"] != world_size:
         raise RunDirError(
@@ -211,6 +224,7 @@ def check_resumable(ckpt: Path, state: dict[str, Any], cfg: Config, world_size: 
             f"resume with {state['world_size']} processes, or start a new run from consolidated weights "
             f"(DeepSpeed's zero_to_fp32.py in {ckpt})"
         )
+    return extension
 
 
 # --------------------------------------------------------------------------- the run directory

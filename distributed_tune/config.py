@@ -38,7 +38,10 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 #
 # Every leaf key is declared with `key(default, resume=..., ...)`: its rules live on the field.
 #   resume   "fixed": part of what is trained (data, model, recipe, arithmetic); a resume that
-#            changes it is refused. "free": how the run is watched, stored or laid out (logging,
+#            changes it is refused. "grow": the run's length (train.epochs, train.max_steps); a
+#            resume may make the run longer, never shorter: the extension is recorded, and the
+#            learning rate follows the longer run's schedule from the resumed step on (as the HF
+#            Trainer does). "free": how the run is watched, stored or laid out (logging,
 #            evaluation and checkpoint frequency, paths, micro batch / accumulation, offload);
 #            a resume may change it and trains the same steps.
 #   check    a bound on the value alone (floats must also be finite); combinations of keys are
@@ -48,7 +51,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 #   accelerate  the accelerate setting (`accelerate launch` flag / config file) that supplies the
 #            value when our config leaves it unset (distributed.accelerate_settings reads them).
 
-Resume = Literal["fixed", "free"]
+Resume = Literal["fixed", "grow", "free"]
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = key(5, resume="fixed", check=AT_LEAST_1, trainer="num_train_epochs")
-    """Passes over the training set at most. More than the BERT paper's 3: CoLA runs often peak
-    late, and early stopping ends the ones that do not (Mosbach et al. 2021)."""
-    max_steps: int | None = key(None, resume="fixed", check=AT_LEAST_1)
-    """Stop after this many optimizer steps (evaluation still runs at the end); null: epochs."""
+    epochs: int = key(5, resume="grow", check=AT_LEAST_1, trainer="num_train_epochs")
+    """Passes over the training set (unless train.max_steps is set). More than the BERT paper's 3:
+    CoLA runs often peak late, and early stopping ends the ones that do not (Mosbach et al. 2021)."""
+    max_steps: int | None = key(None, resume="grow", check=AT_LEAST_1, trainer="max_steps")
+    """Optimizer steps to train; when set it decides the length instead of train.epochs (as in the
+    HF Trainer: the data is passed over as many times as needed); null: train.epochs."""
     global_batch_size: int = key(32, resume="fixed", check=AT_LEAST_1,
                                  trainer=("train_batch_size", "batch_size"))
     """Examples per optimizer step, summed over all processes and accumulation steps: the recipe."""
@@ -142,6 +146,11 @@ class TrainConfig:
                           trainer="adam_epsilon")
     fused_adamw: bool = key(True, resume="free")
     """One fused kernel per AdamW step instead of ~6 passes over memory (4x faster on CPU)."""
+    class_weights: Literal["none", "auto"] | tuple[float, ...] = key(
+        "none", resume="fixed", check=Check(lambda v: isinstance(v, str) or all(w > 0 for w in v),
+                                            "must be none, auto or a list of positive weights, one per class"))
+    """Weights of the classes in the training loss: none; auto (n / (classes x count) from the
+    training labels: rare classes weigh more); or a list, one weight per label in label order."""
     warmup_ratio: float = key(0.1, resume="fixed", check=Check(lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1"))
     """Fraction of the total optimizer steps spent in linear warmup, then linear decay to 0."""
     warmup_steps: int | None = key(None, resume="fixed", check=OFF_OR_POSITIVE, trainer="warmup_steps")
@@ -268,7 +277,9 @@ def _key_infos(cls: type, prefix: str = "") -> dict[str, KeyInfo]:
 KEYS: dict[str, KeyInfo] = _key_infos(Config)
 """Every leaf key, in declaration order: 'seed', ..., 'train.lr', ..."""
 # Config keys a resume must not change (saved with every checkpoint, compared on resume).
-TRAJECTORY_KEYS = tuple(k for k, info in KEYS.items() if info.resume == "fixed")
+TRAJECTORY_KEYS = tuple(k for k, info in KEYS.items() if info.resume in ("fixed", "grow"))
+# The run's length: may grow on resume (an extension), never shrink.
+LENGTH_KEYS = tuple(k for k, info in KEYS.items() if info.resume == "grow")
 # Names users bring from the HF Trainer / run_glue.py -> ours (for the unknown-key error).
 TRAINER_NAMES = {alias: say for info in KEYS.values() for alias, say in info.trainer.items()}
 
@@ -289,13 +300,14 @@ class Derived:
     total_steps: int
     warmup_steps: int
     pad_to_multiple_of: int
+    epochs: int  # passes over the data the run starts (the last may be cut short by train.max_steps)
 
     def describe(self) -> str:
         return (
             f"world {self.world_size} x micro {self.micro_batch_size} x accumulation "
             f"{self.gradient_accumulation_steps} = global batch {self.global_batch_size}; "
-            f"{self.steps_per_epoch} optimizer steps/epoch, {self.total_steps} total, "
-            f"{self.warmup_steps} warmup"
+            f"{self.steps_per_epoch} optimizer steps/epoch, {self.total_steps} total "
+            f"({self.total_steps / self.steps_per_epoch:.3g} epochs), {self.warmup_steps} warmup"
         )
 
 
@@ -336,10 +348,9 @@ def derive(cfg: Config, world_size: int, train_examples: int) -> Derived:
             f"train.global_batch_size={cfg.train.global_batch_size} is larger than the training set "
             f"({train_examples} examples); lower it"
         )
-    total = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps)
     t = cfg.train
+    # train.max_steps, when set, decides the length (the HF Trainer's rule), else train.epochs.
+    total = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
     return Derived(
         world_size=world_size,
@@ -351,6 +362,7 @@ def derive(cfg: Config, world_size: int, train_examples: int) -> Derived:
         total_steps=total,
         warmup_steps=min(warmup, total),
         pad_to_multiple_of=pad_multiple(cfg),
+        epochs=math.ceil(total / steps_per_epoch),
     )
 
 
@@ -362,6 +374,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if _optional_inner(tp) is not None:
         return f"{_type_name(_optional_inner(tp))} or null"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -393,6 +407,13 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         except ConfigError:
             raise bad() from None
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. 'none' | 'auto' | a list of floats: the first that fits
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(value, member, key, where)
+            except ConfigError:
+                continue
+        raise bad()
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad()
@@ -690,8 +711,8 @@ def help_text() -> str:
     for name, info in KEYS.items():
         default = list(info.default) if isinstance(info.default, tuple) else info.default
         notes = [f"default {default!r}"]
-        if info.resume == "fixed":
-            notes.append("fixed on resume")
+        if info.resume != "free":
+            notes.append({"fixed": "fixed on resume", "grow": "may grow on resume"}[info.resume])
         aliases = [a for a, say in info.trainer.items() if say == name]
         if aliases:
             notes.append(f"HF Trainer: {', '.join(aliases)}")

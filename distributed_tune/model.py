@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 
 from distributed_tune.config import ModelConfig, TrainConfig
-from distributed_tune.errors import ModelError
+from distributed_tune.errors import ConfigError, ModelError
 
 HEAD_PREFIXES = ("classifier.", "score.", "pooler.", "pre_classifier.", "logits_proj", "sequence_summary.")
 
@@ -171,6 +172,33 @@ def load_model(cfg: ModelConfig, label_names: tuple[str, ...], regression: bool,
     return model, notes
 
 
+def class_weights(setting: str | tuple[float, ...], labels: Any, label_names: tuple[str, ...],
+                  regression: bool) -> tuple[float, ...] | None:
+    """train.class_weights as one weight per class (label order), or None for an unweighted loss.
+    `auto`: n / (classes x count of the class) over the training labels (scikit-learn's "balanced")."""
+    if setting == "none":
+        return None
+    if regression:
+        raise ConfigError(f"train.class_weights={_shown(setting)} is for classes; this task is a regression "
+                          "(one score): set train.class_weights=none")
+    k = len(label_names)
+    if setting == "auto":
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)
+        if (counts == 0).any():
+            absent = [label_names[i] for i in np.flatnonzero(counts == 0)]
+            raise ConfigError(f"train.class_weights=auto: no training example has the label {', '.join(absent)}; "
+                              "give the weights as a list")
+        return tuple(float(len(labels) / (k * c)) for c in counts)
+    if len(setting) != k:
+        raise ConfigError(f"train.class_weights={_shown(setting)} has {len(setting)} weight(s) but the task has {k} "
+                          f"classes ({', '.join(label_names)}); give one weight per class, in that order")
+    return tuple(setting)
+
+
+def _shown(setting: str | tuple[float, ...]) -> str:
+    return setting if isinstance(setting, str) else str(list(setting))
+
+
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Biases and normalisation weights (all 1-D tensors) get no weight decay."""
     return param.ndim < 2 or name.endswith(".bias")
@@ -209,6 +237,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     """Stepped once per optimizer step by the loop itself (not by accelerate, which would step
     it once per process)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup_steps, total_steps))
+
+
+def continue_schedule(scheduler: Any, step: int) -> None:
+    """After a resume that made the run longer: the learning rate of `step` in the new (longer)
+    schedule, in every parameter group. (The loaded optimizer state holds the old schedule's rate,
+    0 at the end of a finished run; the loaded scheduler only its step count.)"""
+    scheduler.last_epoch = step
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
 def training_flops_per_token(model: torch.nn.Module) -> float:

@@ -22,8 +22,8 @@ from typing import Any
 from distributed_tune.files import atomic_write_jsonl
 
 TRAIN, EVAL = "train", "eval"
-FIRST_STEP, EPOCH_DATA, TRAIN_SUMMARY, STOPPED, FINISHED = (
-    "first_step", "epoch_data", "train_summary", "stopped", "finished")
+FIRST_STEP, EPOCH_DATA, TRAIN_SUMMARY, STOPPED, EXTENDED, FINISHED = (
+    "first_step", "epoch_data", "train_summary", "stopped", "extended", "finished")
 
 # kind -> (what it is, {field: meaning}). `optimizer_step` is on every record: a resume cuts the file
 # back to the checkpoint's step with it.
@@ -58,6 +58,9 @@ SCHEMA: dict[str, tuple[str, dict[str, str]]] = {
         "mfu": "model FLOP utilisation (CUDA only)"}),
     STOPPED: ("stopped for a signal with a checkpoint (resume with --resume)", {
         "signal": "USR1, TERM or INT", "optimizer_step": "the checkpoint's step"}),
+    EXTENDED: ("a resume made the run longer (train.max_steps / train.epochs raised)", {
+        "optimizer_step": "the step it continued from", "from_steps": "the run's length before",
+        "to_steps": "its length now"}),
     FINISHED: ("the last line of a complete run", {
         "outcome": "done or early_stop", "optimizer_step": "steps trained",
         "selection": "split/metric that selected model/", "best_value": "its best value",

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from distributed_tune import checkpoint, records, signals
-from distributed_tune.config import Config, Derived, TrainConfig, derive, dump_resolved
+from distributed_tune.config import Config, Derived, TrainConfig, derive, dump_resolved, load_config
 from distributed_tune.data import (
     HELDOUT,
     Batcher,
@@ -42,7 +42,7 @@ from distributed_tune.data import (
     unknown_fraction,
 )
 from distributed_tune.distributed import build_accelerator
-from distributed_tune.errors import DataError, TrainingError
+from distributed_tune.errors import DataError, RunDirError, TrainingError
 from distributed_tune.evaluation import EVAL_BATCH, predict_distributed, predictions, write_predictions
 from distributed_tune.export import export_model
 from distributed_tune.files import atomic_write_json
@@ -50,6 +50,8 @@ from distributed_tune.metrics import score, score_splits
 from distributed_tune.model import (
     build_optimizer,
     build_scheduler,
+    class_weights,
+    continue_schedule,
     load_model,
     load_tokenizer,
     training_flops_per_token,
@@ -88,7 +90,7 @@ class Boundary:
     check: bool  # agree across ranks on stop signals and non-finite losses (a host-device sync)
     log: bool  # a training record (the window's sums, all-reduced)
     evaluate: bool
-    save: bool  # a resumable checkpoint
+    save: bool  # a resumable checkpoint (also when training ends here early: see Recipe.after_step)
     epoch_end: bool
     done: bool  # total_steps reached
 
@@ -108,7 +110,8 @@ def boundary(step: int, step_in_epoch: int, t: TrainConfig, d: Derived) -> Bound
     epoch_end = step_in_epoch == d.steps_per_epoch
     done = step >= d.total_steps
     evaluate = bool(t.eval_every and step % t.eval_every == 0) or epoch_end or done
-    save = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or epoch_end
+    # The last step is always saved (as the HF Trainer does): a finished run can be resumed for more steps.
+    save = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or epoch_end or done
     return Boundary(check=step % CONSENSUS_EVERY == 0 or evaluate or save, log=step % t.log_every == 0 or done,
                     evaluate=evaluate, save=save, epoch_end=epoch_end, done=done)
 
@@ -187,9 +190,7 @@ class Recipe:
         self.is_main = acc.is_main_process
         self.selection_split = HELDOUT if cfg.data.heldout_fraction > 0 else self.task.selection_split
         self.report = report = Reporter(acc, cfg, run_dir.path, self.task, self.selection_split)
-        if cfg.resume and checkpoint.run_finished(run_dir.path):
-            report.say(f"output_dir={run_dir.path} holds a finished run: nothing to resume "
-                       "(--overwrite trains it again)")
+        if cfg.resume and checkpoint.run_finished(run_dir.path) and not self.extends_finished_run():
             return False
 
         cache = Path(cfg.data.cache_dir).expanduser()
@@ -203,6 +204,8 @@ class Recipe:
             self.dev = EvalSet(self.data.eval, self.tokenize(self.data.eval, cache))
             self.heldout = EvalSet(heldout, self.tokenize(heldout, cache)) if heldout else None
         self.derived: Derived = derive(cfg, acc.num_processes, len(self.train_data))
+        weights = class_weights(cfg.train.class_weights, self.train_data.labels, self.data.label_names,
+                                self.task.regression)
 
         torch.manual_seed(cfg.seed)  # the new classification head is initialised from this
         model, notes = load_model(cfg.model, self.data.label_names, self.task.regression,
@@ -218,6 +221,7 @@ class Recipe:
         # After prepare: ZeRO-3 regroups the optimizer's parameters, and the schedule must drive
         # the groups the engine really steps.
         self.scheduler = build_scheduler(self.optimizer, self.derived.warmup_steps, self.derived.total_steps)
+        self.class_weights = torch.tensor(weights, dtype=torch.float32, device=acc.device) if weights else None
         self.state = LoopState(Progress(), torch.full((), NO_BAD_STEP, dtype=torch.long, device=acc.device))
 
         # Bad input has been refused by now, and nothing written: from here on this run writes, alone.
@@ -241,6 +245,30 @@ class Recipe:
         counts = ", ".join(f"{k} {v}" for k, v in self.data.counts().items())
         held = f", heldout {len(heldout)} (selection)" if heldout else ""
         report.say(f"{self.task.name}: {counts}{held}; {self.derived.describe()}")
+        if weights:
+            setting = cfg.train.class_weights if isinstance(cfg.train.class_weights, str) else "list"
+            report.say(f"class weights (train.class_weights={setting}): "
+                       + ", ".join(f"{n} {w:.4f}" for n, w in zip(self.data.label_names, weights)))
+        return True
+
+    def extends_finished_run(self) -> bool:
+        """--resume on a finished run: True when the config makes it longer (train.max_steps or
+        train.epochs raised: continue from its last checkpoint), else say there is nothing to do."""
+        run_dir, cfg = self.run_dir.path, self.cfg
+        before = load_config(run_dir / "config.yaml").train
+        length = {"train.epochs": (before.epochs, cfg.train.epochs),
+                  "train.max_steps": (before.max_steps, cfg.train.max_steps)}
+        changed = {k: v for k, v in length.items() if v[0] != v[1]}
+        if not changed:
+            key = "train.max_steps" if before.max_steps is not None else "train.epochs"
+            self.report.say(f"output_dir={run_dir} holds a finished run ({key}={length[key][0]}): nothing to resume; "
+                            "resume with a larger train.max_steps (or train.epochs) to train it longer, or "
+                            "--overwrite to train it again")
+            return False
+        if checkpoint.latest_good(run_dir, warn=lambda _: None) is None:
+            raise RunDirError(f"output_dir={run_dir} holds a finished run without a complete checkpoint: it cannot be "
+                              f"extended ({', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}); start a "
+                              "new run in another output_dir")
         return True
 
     def tokenize(self, examples: list[Example], cache: Path) -> Tokenized:
@@ -267,7 +295,7 @@ class Recipe:
         report.start_clock(self.warm_up())
         outcome = Outcome.DONE
         with signals.stoppable():
-            while p.optimizer_step < d.total_steps and p.epoch < self.cfg.train.epochs:
+            while p.optimizer_step < d.total_steps and p.epoch < d.epochs:
                 outcome = self.train_epoch()
                 if outcome is not Outcome.EPOCH_END:
                     break
@@ -305,7 +333,7 @@ class Recipe:
             # Inside accumulate(), accelerate skips the gradient all-reduce, optimizer.step() and
             # zero_grad() until the optimizer step's last micro-batch (acc.sync_gradients).
             with acc.accumulate(self.model):
-                loss = self.train_forward(**batch).loss
+                loss = self.loss(batch)
                 acc.backward(loss)
                 grad_norm = None
                 if acc.sync_gradients and cfg.train.max_grad_norm > 0:
@@ -350,10 +378,18 @@ class Recipe:
         early_stop = False
         if b.evaluate and not stopping:
             early_stop = self.evaluate_and_select()
-        if b.save or stopping:
+        if b.save or stopping or early_stop:
             with self.report.paused():
                 self.save_checkpoint()
         return b.outcome(stopping, early_stop)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The micro-batch's training loss: the model's own (mean cross-entropy, or MSE for
+        regression), or the class-weighted cross-entropy with train.class_weights."""
+        if self.class_weights is None:
+            return self.train_forward(**batch).loss
+        logits = self.train_forward(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights)
 
     def track_finite(self, loss: torch.Tensor) -> None:
         """Remember the first optimizer step with a non-finite loss, on the device (no sync)."""
@@ -408,7 +444,7 @@ class Recipe:
         t0 = time.perf_counter()
         d, acc, cfg = self.derived, self.accelerator, self.cfg
         first: dict[int, np.ndarray] = {}
-        for epoch in range(self.state.progress.epoch, cfg.train.epochs):
+        for epoch in range(self.state.progress.epoch, d.epochs):
             batches = global_batches(self.train_data.lengths, d.global_batch_size, cfg.seed, epoch,
                                      cfg.data.length_grouping)
             for batch in batches:
@@ -416,7 +452,7 @@ class Recipe:
                     first.setdefault(self.batches.width(micro), micro)
         for width in sorted(first):
             for _ in range(3):  # CUDA graph trees record on the second call and replay from the third
-                acc.backward(self.train_forward(**self.batches(first[width])).loss)
+                acc.backward(self.loss(self.batches(first[width])))
                 self.optimizer.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -499,6 +535,7 @@ class Recipe:
             "world_size": self.derived.world_size,
             "zero_stage": self.cfg.distributed.zero_stage,
             "global_batch_size": self.derived.global_batch_size,
+            "total_steps": self.derived.total_steps,
             "trajectory": checkpoint.trajectory(self.cfg, self.data.fingerprint),
             "scheduler": self.scheduler.state_dict(),
         }
@@ -517,14 +554,20 @@ class Recipe:
             return
         state = checkpoint.read_trainer_state(ckpt)
         d = self.derived
-        checkpoint.check_resumable(ckpt, state, self.cfg, d.world_size, here=f"this run has {d.world_size}",
-                                   fingerprint=self.data.fingerprint)
+        extension = checkpoint.check_resumable(ckpt, state, self.cfg, d.world_size, here=f"this run has {d.world_size}",
+                                               fingerprint=self.data.fingerprint, total_steps=d.total_steps)
         self.accelerator.load_state(str(ckpt))
         if self.is_main:
             log.truncate_after(state["optimizer_step"])
         self.scheduler.load_state_dict(state["scheduler"])
         p = self.state.progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
         self.report.say(f"resumed from {ckpt} (epoch {p.epoch}, optimizer step {p.optimizer_step})")
+        if extension is not None:
+            continue_schedule(self.scheduler, p.optimizer_step)
+            log.event(records.EXTENDED, optimizer_step=p.optimizer_step, from_steps=extension[0], to_steps=extension[1])
+            self.report.say(f"extended from {extension[0]} to {extension[1]} optimizer steps: the learning rate follows "
+                            f"the {extension[1]}-step schedule from step {p.optimizer_step} on (now "
+                            f"{self.scheduler.get_last_lr()[0]:.3g})")
 
     def export(self, reason: str) -> Path:
         """model/: the weights now, with training_info.json saying which step and why (collective)."""

@@ -207,7 +207,7 @@ def test_every_key_declares_its_rules_on_the_field() -> None:
     import dataclasses
     import typing
 
-    from distributed_tune.config import KEYS, TRAINER_NAMES, TRAJECTORY_KEYS, Config
+    from distributed_tune.config import KEYS, LENGTH_KEYS, TRAINER_NAMES, TRAJECTORY_KEYS, Config
     from distributed_tune.distributed import accelerate_settings
 
     def leaves(cls: type, prefix: str = "") -> list[str]:
@@ -216,17 +216,18 @@ def test_every_key_declares_its_rules_on_the_field() -> None:
             if dataclasses.is_dataclass(hints[f.name]):
                 out += leaves(hints[f.name], f"{prefix}{f.name}.")
             else:
-                assert f.metadata.get("resume") in ("fixed", "free"), f"{prefix}{f.name} has no resume rule"
+                assert f.metadata.get("resume") in ("fixed", "grow", "free"), f"{prefix}{f.name} has no resume rule"
                 out.append(f"{prefix}{f.name}")
         return out
 
     assert leaves(Config) == list(KEYS)
+    assert LENGTH_KEYS == ("train.epochs", "train.max_steps")
     assert set(TRAJECTORY_KEYS) == {
         "seed", "task", "precision", "model.name", "model.revision", "model.dropout", "data.source",
         "data.train_file", "data.validation_file", "data.text_fields", "data.label_field", "data.regression",
         "data.max_length", "data.pad_to_multiple_of", "data.length_grouping", "data.heldout_fraction",
         "train.epochs", "train.max_steps", "train.global_batch_size", "train.lr", "train.weight_decay",
-        "train.adam_betas", "train.adam_eps", "train.warmup_ratio", "train.warmup_steps", "train.max_grad_norm",
+        "train.adam_betas", "train.adam_eps", "train.class_weights", "train.warmup_ratio", "train.warmup_steps", "train.max_grad_norm",
         "distributed.zero_stage", "fp16.initial_scale_power", "fp16.loss_scale_window", "fp16.hysteresis",
         "fp16.min_loss_scale"}
     assert TRAINER_NAMES["learning_rate"] == "train.lr" and TRAINER_NAMES["fp16"] == "precision=fp16"

@@ -150,8 +150,8 @@ def test_resume_of_a_finished_run_changes_nothing(finished: Path, tiny_model: Pa
                                                   cache_dir: Path) -> None:
     before = snapshot(finished, LOCK)
     proc = run_cli(["--resume", *args_for(tiny_model, cola_dir, cache_dir, finished)])
-    assert f"output_dir={finished} holds a finished run: nothing to resume (--overwrite trains it again)" in \
-        proc.stderr
+    assert f"output_dir={finished} holds a finished run (train.max_steps=8): nothing to resume; resume with a larger " \
+           "train.max_steps (or train.epochs) to train it longer, or --overwrite to train it again" in proc.stderr
     assert snapshot(finished, LOCK) == before
     assert sum(r.get("event") == "finished" for r in read_jsonl(finished / "metrics.jsonl")) == 1
 

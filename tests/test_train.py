@@ -39,7 +39,8 @@ def test_single_process_run(tmp_path: Path, base_args: list[str]) -> None:
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["derived"] == {
         "world_size": 1, "micro_batch_size": 8, "gradient_accumulation_steps": 2, "global_batch_size": 16,
-        "train_examples": 8551, "steps_per_epoch": 534, "total_steps": 8, "warmup_steps": 1, "pad_to_multiple_of": 1}
+        "train_examples": 8551, "steps_per_epoch": 534, "total_steps": 8, "warmup_steps": 1, "pad_to_multiple_of": 1,
+        "epochs": 1}
     fingerprint = json.loads((run / "data_fingerprint.json").read_text())
     assert fingerprint["counts"]["train"] == 8551
 
