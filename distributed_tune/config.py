@@ -592,22 +592,22 @@ def _check_values(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks of single values and of combinations that need no hardware knowledge."""
-    t, d = cfg.train, cfg.distributed
+    t, dist = cfg.train, cfg.distributed
     if cfg.task not in TASK_NAMES:
         get_task(cfg.task)  # raises with the closest name
     _check_values(cfg)
-    if d.offload_optimizer != "none" and not d.zero_stage:
+    if dist.offload_optimizer != "none" and not dist.zero_stage:
         raise ConfigError(
             "distributed.offload_optimizer=cpu needs DeepSpeed ZeRO stage 1, 2 or 3; "
-            f"set distributed.zero_stage (now {d.zero_stage})"
+            f"set distributed.zero_stage (now {dist.zero_stage})"
         )
-    if d.offload_params != "none" and d.zero_stage != 3:
+    if dist.offload_params != "none" and dist.zero_stage != 3:
         raise ConfigError(
-            f"distributed.offload_params=cpu needs distributed.zero_stage=3 (now {d.zero_stage}); "
+            f"distributed.offload_params=cpu needs distributed.zero_stage=3 (now {dist.zero_stage}); "
             "parameter offload exists only in ZeRO-3"
         )
-    if (t.compile or t.cuda_graphs) and d.zero_stage is not None:
-        raise ConfigError(f"train.compile / train.cuda_graphs with distributed.zero_stage={d.zero_stage}: DeepSpeed "
+    if (t.compile or t.cuda_graphs) and dist.zero_stage is not None:
+        raise ConfigError(f"train.compile / train.cuda_graphs with distributed.zero_stage={dist.zero_stage}: DeepSpeed "
                           "runs its own engine; compile without DeepSpeed (distributed.zero_stage=null)")
     for name in cfg.report_to:
         if name not in TRACKERS:

@@ -160,14 +160,14 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     No optimizer or scheduler section: those stay in our code (model.py), so that the loop and
     the learning-rate curve are the same under DDP and every ZeRO stage.
     """
-    d, t = cfg.distributed, cfg.train
+    dist, t = cfg.distributed, cfg.train
     micro, accumulation = batch_layout(t, world_size)
-    zero: dict[str, Any] = {"stage": d.zero_stage}
-    if d.offload_optimizer == "cpu":
+    zero: dict[str, Any] = {"stage": dist.zero_stage}
+    if dist.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if d.offload_params == "cpu":
+    if dist.offload_params == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if d.zero_stage == 3:
+    if dist.zero_stage == 3:
         # Without this, the final save_pretrained folder would hold empty ZeRO-3 shards.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     f = cfg.fp16

@@ -104,3 +104,18 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path: Path, base_
     assert [(r["mcc"], r["accuracy"]) for r in ev] == [(r["mcc"], r["accuracy"]) for r in evals(one)]
     assert yaml.safe_load((two / "config.yaml").read_text())["derived"]["world_size"] == 2
     assert yaml.safe_load((one / "config.yaml").read_text())["derived"]["gradient_accumulation_steps"] == 2
+
+
+def test_class_weights_under_ddp_and_zero(tmp_path: Path, base_args: list[str]) -> None:
+    """train.class_weights=auto is the recipe on every engine: 2 processes (DDP) equal 1 process with
+    accumulation 2 bit for bit, and ZeRO-2 on 2 processes agrees with DDP up to reduction order."""
+    common = [*base_args, "train.class_weights=auto", "train.max_steps=6", "train.eval_every=0"]
+    run_cli([*common, f"output_dir={tmp_path / 'one'}"])
+    run_cli([*common, f"output_dir={tmp_path / 'ddp'}"], nproc=2, launcher="accelerate")
+    run_cli([*common, "distributed.zero_stage=2", f"output_dir={tmp_path / 'zero2'}"], nproc=2, launcher="accelerate")
+    one, ddp, zero = (train_losses(tmp_path / n) for n in ("one", "ddp", "zero2"))
+    assert len(one) == 6 and one == ddp
+    assert zero == pytest.approx(ddp, abs=1e-5)
+    plain = tmp_path / "plain"
+    run_cli([*base_args, "train.max_steps=6", "train.eval_every=0", f"output_dir={plain}"])
+    assert train_losses(plain) != pytest.approx(one, rel=1e-3)  # the weights changed the loss
