@@ -119,3 +119,23 @@ def test_class_weights_under_ddp_and_zero(tmp_path: Path, base_args: list[str]) 
     plain = tmp_path / "plain"
     run_cli([*base_args, "train.max_steps=6", "train.eval_every=0", f"output_dir={plain}"])
     assert train_losses(plain) != pytest.approx(one, rel=1e-3)  # the weights changed the loss
+
+
+def test_max_steps_beyond_the_epochs_and_extending_a_finished_run(tmp_path: Path, base_args: list[str]) -> None:
+    """Through the CLI: train.max_steps=10 with train.epochs=1 at 4 steps an epoch runs 10 steps (it
+    decides, as in the HF Trainer); `--resume train.max_steps=14` then continues the finished run
+    from its last checkpoint for 4 more steps and says so."""
+    run = tmp_path / "run"
+    args = [*base_args, "train.epochs=1", "train.global_batch_size=2048", "train.micro_batch_size=1024",
+            "train.eval_every=0", f"output_dir={run}"]
+    proc = run_cli([*args, "train.max_steps=10"])
+    assert "534" not in proc.stderr and "4 optimizer steps/epoch, 10 total (2.5 epochs)" in proc.stderr
+    assert [r["optimizer_step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == list(range(1, 11))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000008", "step_00000010"]
+    proc = run_cli(["--resume", *args, "train.max_steps=14"])
+    assert "extended from 10 to 14 optimizer steps: the learning rate follows the 14-step schedule from step 10 on" \
+        in proc.stderr
+    steps = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert [r["optimizer_step"] for r in steps] == list(range(1, 15))
+    factor = linear_warmup_decay(warmup_steps=2, total_steps=14)  # ceil(0.1 * 14)
+    assert [r["lr"] for r in steps[10:]] == pytest.approx([1e-3 * factor(s) for s in range(10, 14)])
