@@ -46,7 +46,7 @@ from distributed_tune.data import (
 )
 from distributed_tune.distributed import build_accelerator
 from distributed_tune.errors import DataError, RunDirError, TrainingError
-from distributed_tune.evaluation import EVAL_BATCH, example_rows, predict_distributed, predictions
+from distributed_tune.evaluation import EVAL_BATCH, Predicted, example_rows, predict_distributed, predictions
 from distributed_tune.files import RunLock, atomic_write_json, atomic_write_jsonl
 from distributed_tune.metrics import MetricsLog, read_metrics, score, score_splits
 from distributed_tune.model import (
@@ -296,22 +296,23 @@ class Recipe:
 
     # ------------------------------------------------------------------ evaluation
 
-    def predict(self, eval_set: EvalSet) -> np.ndarray:
+    def predict(self, eval_set: EvalSet) -> Predicted:
         return predict_distributed(self.accelerator, self.model, eval_set.data, EVAL_BATCH,
                                    self.derived.pad_to_multiple_of, self.task.regression)
 
     def evaluate(self) -> dict[str, Any]:
         """Predict every evaluation example once (gathered, checked exactly once); rank 0 scores."""
-        outputs = self.predict(self.dev)
+        dev = self.predict(self.dev)
         held = self.predict(self.heldout) if self.heldout else None
         result: dict[str, Any] = {}
         if self.is_main:
             n = self.num_labels
-            result = score_splits(self.task, self.dev.data.labels, predictions(self.task, outputs),
-                                  [e.split for e in self.dev.examples], n)
+            result = score_splits(self.task, self.dev.data.labels, predictions(self.task, dev.outputs),
+                                  [e.split for e in self.dev.examples], n, dev.logits)
             if held is not None:
-                result[HELDOUT] = score(self.task, self.heldout.data.labels, predictions(self.task, held), n)
-            result["outputs"] = outputs
+                result[HELDOUT] = score(self.task, self.heldout.data.labels, predictions(self.task, held.outputs), n,
+                                        held.logits)
+            result["outputs"] = dev.outputs
         return result
 
     @property

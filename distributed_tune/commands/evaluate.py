@@ -93,17 +93,18 @@ def score_examples(target: Target, examples: list[Any], label_names: tuple[str, 
     with accelerator.main_process_first():  # the others read the tokenized cache it writes
         data = tokenize(examples, tokenizer, target.cfg.data.max_length, cache, task.regression)
     # The run's own padding, so that evaluate repeats the training loop's arithmetic.
-    outputs = predict_distributed(accelerator, model, data, batch_size, pad_multiple(target.cfg), task.regression)
+    predicted = predict_distributed(accelerator, model, data, batch_size, pad_multiple(target.cfg), task.regression)
+    outputs, logits = predicted.outputs, predicted.logits
     preds = predictions(task, outputs)
     splits = [e.split for e in examples]
     n = len(label_names) or 1
     if tsv:
-        metrics = {s: score(task, data.labels[np.asarray(splits) == s], preds[np.asarray(splits) == s], n)
-                   for s in dict.fromkeys(splits)}
+        masks = {s: np.asarray(splits) == s for s in dict.fromkeys(splits)}
+        metrics = {s: score(task, data.labels[m], preds[m], n, logits[m]) for s, m in masks.items()}
         if len(metrics) > 1:
-            metrics[COMBINED_TSV] = score(task, data.labels, preds, n)
+            metrics[COMBINED_TSV] = score(task, data.labels, preds, n, logits)
     else:
-        metrics = score_splits(task, data.labels, preds, splits, n)
+        metrics = score_splits(task, data.labels, preds, splits, n, logits)
     by_source = {}
     if any(e.source for e in examples) and not task.regression:
         for split in dict.fromkeys(splits):
@@ -152,7 +153,8 @@ def print_result(result: dict[str, Any], out: Path, target: Target) -> None:
     task = target.cfg.task_spec
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"{result['model']} on {result['data']} ({task.name})")
-    metric_cols = list(task.metrics) + ([] if task.regression else ["accuracy"] * ("accuracy" not in task.metrics))
+    metric_cols = list(task.metrics) + ([] if task.regression else ["accuracy"] * ("accuracy" not in task.metrics)
+                                        + ["eval_loss"])  # regression: eval_loss is the mse column
     cols = ["split", "n", *metric_cols] + (["confusion [[TN, FP], [FN, TP]]" if len(result["labels"]) == 2
                                               else "confusion (rows: gold)", "collapsed"] if not task.regression
                                              else ["mse", "collapsed"])

@@ -94,7 +94,7 @@ class Predictor:
 
         cfg, task = self.target.cfg, self.target.cfg.task_spec
         data = tokenize(examples, self.tokenizer, cfg.data.max_length, None, task.regression)
-        return predict_distributed(self.process, self.model, data, batch_size, pad_multiple(cfg), task.regression)
+        return predict_distributed(self.process, self.model, data, batch_size, pad_multiple(cfg), task.regression).outputs
 
 
 def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
