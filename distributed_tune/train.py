@@ -53,12 +53,12 @@ from distributed_tune.model import (
     build_optimizer,
     build_scheduler,
     load_model,
-    load_tokenizer,
     peak_flops,
     quiet_transformers,
+    read_data_and_tokenizer,
     training_flops_per_token,
 )
-from distributed_tune.tasks import Example, TaskData
+from distributed_tune.tasks import Example
 
 # Optimizer steps between checks for stop signals and non-finite losses (each is a host-device
 # sync and a collective); checks also run before every checkpoint and evaluation.
@@ -174,8 +174,7 @@ class Recipe:
         cache = Path(cfg.data.cache_dir).expanduser()
         # Download, read and tokenize on the local main process first; the others hit its cache.
         with acc.local_main_process_first():
-            self.data: TaskData = self.task.read(cfg.data)
-            self.tokenizer = load_tokenizer(cfg.model)
+            self.data, self.tokenizer = read_data_and_tokenizer(self.task, cfg)  # both problems said at once
             train, heldout = split_heldout(self.data.train, cfg.data.heldout_fraction, self.task.regression)
             self.train_examples = train
             self.train_data = self.tokenize(train, cache)
@@ -222,6 +221,9 @@ class Recipe:
         self.out = Console(self.is_main, self.derived.total_steps, self.progress.optimizer_step)
         for note in notes:
             self.out.say(note)
+        for split in self.task.absent_splits(self.data):  # evaluate the splits that exist, say which do not
+            self.out.say(f"{split}: no examples in data.source={cfg.data.source}; not evaluated"
+                         + (f" ({self.task.combined_split} is the other splits only)" if self.task.combined_split else ""))
         counts = ", ".join(f"{k} {v}" for k, v in self.data.counts().items())
         held = f", heldout {len(heldout)} (selection)" if heldout else ""
         self.out.say(f"{self.task.name}: {counts}{held}; {self.derived.describe()}")
@@ -332,7 +334,7 @@ class Recipe:
             trackers.log_eval(self.accelerator, self.cfg, split, metrics, p.optimizer_step)
         main = self.task.main_metric
         sel = result[self.selection_split]
-        parts = [f"{s} {result[s][main]:.4f}" for s in self.task.reported_splits() if s != self.selection_split]
+        parts = [f"{s} {result[s][main]:.4f}" for s in self.task.reported_splits() if s != self.selection_split and s in result]
         warn = "  (collapsed: one class predicted)" if sel["collapsed"] else ""
         self.out.say(f"eval step {p.optimizer_step}: {self.selection_split} {main} {sel[main]:.4f}"
                      + (f" ({', '.join(parts)})" if parts else "") + f"; n={sel['n']}{warn}")

@@ -8,11 +8,13 @@ model is flagged in the final block, by `predict` and in a sweep's summary.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import evals, run_cli
+from conftest import evals, free_port, run_cli, subprocess_env
 from test_evaluate import make_decisive_model
 
 from distributed_tune.tasks import get_task
@@ -41,6 +43,76 @@ def healthy(decisive: Path, cola_dir: Path, cache_dir: Path, tmp_path_factory: p
 
 
 # --------------------------------------------------------------------------- data a Trainer user brings
+
+
+def test_glue_dev_without_out_of_domain_rows_evaluates_the_splits_it_has(tiny_model: Path, cola_raw: Path,
+                                                                         cache_dir: Path, tmp_path: Path) -> None:
+    """GLUE's CoLA layout whose dev.tsv holds only in-domain rows: the run says once that
+    out_of_domain_dev has no examples, evaluates in_domain_dev and dev (then the same rows), selects
+    on dev, and exports model/ (it used to die at the first evaluation: KeyError, exit 1)."""
+    glue = tmp_path / "CoLA"
+    glue.mkdir()
+    shutil.copy(cola_raw / "in_domain_train.tsv", glue / "train.tsv")
+    shutil.copy(cola_raw / "in_domain_dev.tsv", glue / "dev.tsv")
+    run = tmp_path / "run"
+    proc = run_cli(args(tiny_model, glue, cache_dir, run))
+    assert proc.stderr.count("out_of_domain_dev: no examples") == 1
+    assert (f"[distributed_tune] out_of_domain_dev: no examples in data.source={glue}; not evaluated "
+            "(dev is the other splits only)") in proc.stderr.splitlines()
+    records = evals(run)
+    assert [(r["optimizer_step"], r["split"], r["n"]) for r in records] == [
+        (4, "in_domain_dev", 527), (4, "dev", 527), (8, "in_domain_dev", 527), (8, "dev", 527)]
+    for a, b in zip(records[::2], records[1::2]):
+        assert {k: v for k, v in a.items() if k != "split"} == {k: v for k, v in b.items() if k != "split"}
+    info = json.loads((run / "model" / "training_info.json").read_text())
+    assert info["metric"] == "dev/mcc" and (run / "model" / "model.safetensors").is_file()
+    block = next(line for line in proc.stderr.splitlines() if line.startswith("[distributed_tune] model/ = step"))
+    assert " (best dev mcc): mcc in_domain_dev " in block and "out_of_domain_dev" not in block
+
+
+def test_header_only_dev_file_is_refused_before_anything_is_written(tiny_model: Path, cache_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    """No selection split, nothing to select on: one line, exit 2, no run directory (it used to be a
+    ValueError traceback from the tokenizer)."""
+    from glue_data import write_glue_task
+
+    sst2 = write_glue_task(tmp_path / "glue", "sst2")
+    (sst2 / "dev.tsv").write_text((sst2 / "dev.tsv").read_text().splitlines()[0] + "\n")
+    run = tmp_path / "run"
+    proc = run_cli(["task=sst2", *args(tiny_model, sst2, cache_dir, run)], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: data.source={sst2}: no validation examples (an empty or header-only evaluation file?); sst2 "
+        "scores and selects the best model on validation: add its rows"]
+    assert not run.exists()
+
+
+def test_offline_default_run_names_the_data_and_the_model_at_once(tiny_model: Path, cola_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """No network (HF_HUB_OFFLINE=1, a CoLA URL nothing listens at): one error naming data.source and
+    model.name and both fixes, exit 2, nothing written. It used to take two attempts."""
+    url = f"http://127.0.0.1:{free_port()}/cola_public_1.1.zip"
+    env = subprocess_env(HF_HOME=str(tmp_path / "hf"))  # no cached bert-base-uncased either
+    run = tmp_path / "run"
+    base = ["--config", "configs/cola_bert_base.yaml", f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={run}"]
+    proc = run_cli([*base, f"data.source={url}"], env=env, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(
+        f"error: 2 problems: (1) could not download CoLA from {url} ([Errno 111] Connection refused); without "
+        "network, set data.source to a local folder holding the raw CoLA TSVs; (2) model.name=bert-base-uncased: "
+        "cannot load the tokenizer: 'bert-base-uncased' could not be fetched from the Hugging Face hub (no "
+        "network, or no such model); set model.name to a local save_pretrained folder"), lines[0]
+    assert not run.exists() and not (tmp_path / "cache" / "cola_public_1.1.zip").exists()
+    # One problem is one problem: a local model and the unreachable URL name the data only...
+    proc = run_cli([*base, f"data.source={url}", f"model.name={tiny_model}"], env=env, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: could not download CoLA from {url} ([Errno 111] Connection refused); without network, set "
+        "data.source to a local folder holding the raw CoLA TSVs"]
+    # ... and local data with the hub model names the model only.
+    proc = run_cli([*base, f"data.source={cola_dir}"], env=env, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        "error: model.name=bert-base-uncased: cannot load the tokenizer:") and "2 problems" not in proc.stderr
+    assert not run.exists()
 
 
 # --------------------------------------------------------------------------- eval loss, results.json
