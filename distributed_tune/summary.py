@@ -3,6 +3,7 @@ several runs (seeds of one setting). Pure: no torch.
 
     r = run_result(run_dir, task, label="seed 42")     # selected and final values, collapsed flags
     stats(r.selected for r in results)                # mean, sample std, median, min, max
+    write_results(run_dir)                            # <run_dir>/results.json, when an attempt ends
 
 Two numbers per run, both on the task's main metric of its selection split (CoLA: dev MCC):
   * selected: the best evaluation's value, the model kept in model/. Chosen on the data it is
@@ -14,6 +15,7 @@ report value `selected_dev` is then the dev metric at that step, honest too.
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from distributed_tune.data import HELDOUT
+from distributed_tune.files import atomic_write_json
 from distributed_tune.metrics import read_metrics
 from distributed_tune.tasks import Task
+
+RESULTS_JSON = "results.json"
+BOOKKEEPING = ("split", "optimizer_step", "epoch", "world_size")  # in every evaluation record; not metrics
 
 
 @dataclass(frozen=True)
@@ -123,3 +129,65 @@ def describe(s: dict[str, Any]) -> str:
         return "-"
     std = "n/a" if s["std"] is None else fmt(s["std"])
     return f"{fmt(s['mean'])} ± {std} (median {fmt(s['median'])}, {fmt(s['min'])}..{fmt(s['max'])})"
+
+
+# --------------------------------------------------------------------------- one run's results file
+
+
+def evaluation_at(records: list[dict[str, Any]], step: int) -> dict[str, dict[str, Any]]:
+    """split -> its metrics (n, the task's metrics, eval_loss, confusion, collapsed) at optimizer step `step`."""
+    return {r["split"]: {k: v for k, v in r.items() if k not in BOOKKEEPING}
+            for r in records if "split" in r and r.get("optimizer_step") == step}
+
+
+def exported_evaluation(run_dir: Path, step: int, selection_split: str) -> dict[str, Any]:
+    """What training_info.json says of the weights of step `step`: their evaluation (logged just
+    before the export), and whether they predict a single class on the selection split: `predict`
+    and the model card warn from it, also where the run directory is not at hand."""
+    evaluation = evaluation_at(read_metrics(run_dir / "metrics.jsonl"), step)
+    return {"collapsed": bool(evaluation.get(selection_split, {}).get("collapsed", False)), "evaluation": evaluation}
+
+
+def run_results(run_dir: Path) -> dict[str, Any]:
+    """How the run's last attempt ended, what model/ holds (its step and every split's metrics) and
+    the last evaluation, from the run's own files: what results.json holds."""
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    records = read_metrics(run_dir / "metrics.jsonl")
+    end = next((r for r in reversed(records) if r.get("event") in ("finished", "stopped")), {})
+    info_path = run_dir / "model" / "training_info.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    evaluated = [r["optimizer_step"] for r in records if "split" in r]
+    summary = next((r for r in reversed(records) if r.get("event") == "train_summary"), None)
+    model = None
+    if info is not None:
+        evaluation = evaluation_at(records, info["optimizer_step"])
+        model = {"path": str(run_dir / "model"), "optimizer_step": info["optimizer_step"],
+                 "selected": info["selected"], "collapsed": bool(evaluation.get(info["metric"].split("/")[0], {})
+                                                                 .get("collapsed", False)),
+                 "eval": evaluation}
+    out: dict[str, Any] = {
+        "status": "finished" if end.get("event") == "finished" else "stopped",
+        "outcome": end.get("outcome", "stopped"),
+        "task": config["task"],
+        "optimizer_step": end.get("optimizer_step"),
+        "epoch": round(end["optimizer_step"] / config["derived"]["steps_per_epoch"], 4) if end else None,
+        "selection": info["metric"] if info else end.get("selection"),
+        "model": model,
+        "last_evaluation": {"optimizer_step": evaluated[-1], "eval": evaluation_at(records, evaluated[-1])}
+        if evaluated else None,
+        "train": {k: v for k, v in summary.items() if k != "event"} if summary else None,
+    }
+    if out["status"] == "stopped":
+        out["resume"] = f"python -m distributed_tune --config {run_dir / 'config.yaml'} --resume"
+    return out
+
+
+def write_results(run_dir: Path) -> dict[str, Any]:
+    """<run_dir>/results.json (atomically), when an attempt ends: finished, stopped early, or stopped
+    for a signal with a checkpoint. A new attempt removes it (train.py), so it always describes the
+    last attempt that ended."""
+    results = run_results(run_dir)
+    atomic_write_json(run_dir / RESULTS_JSON, results)
+    return results

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distributed_tune import checkpoint, signals, trackers
+from distributed_tune import checkpoint, model_card, signals, summary, trackers
 from distributed_tune.config import Config, Derived, derive, dump_resolved
 from distributed_tune.console import Console, duration
 from distributed_tune.data import (
@@ -212,7 +212,8 @@ class Recipe:
         if cfg.resume:
             self.resume()  # may refuse (a changed recipe): the stopped run must then stay as it was
         if self.is_main:
-            (self.run_dir / STOPPED).unlink(missing_ok=True)  # a new attempt
+            for name in (STOPPED, summary.RESULTS_JSON):  # a new attempt: what the last one ended with goes
+                (self.run_dir / name).unlink(missing_ok=True)
             dump_resolved(cfg, self.derived, self.run_dir / "config.yaml")
             atomic_write_json(self.run_dir / "data_fingerprint.json",
                               {"task": self.task.name, "counts": self.data.counts(), "train_used": len(train),
@@ -365,7 +366,12 @@ class Recipe:
         try:
             if not self.setup():
                 return {"optimizer_step": None, "outcome": "already_finished"}
-            return self._train()
+            ended = self._train()
+            if self.is_main:  # how the attempt ended, for scripts (results.json) and the card (its training time)
+                summary.write_results(self.run_dir)
+                if (self.run_dir / "model").is_dir():
+                    model_card.write(self.run_dir / "model", self.run_dir)
+            return ended
         except OSError as e:
             if e.errno not in DISK_FULL:
                 raise
@@ -709,7 +715,9 @@ class Recipe:
                     "selected": reason, "optimizer_step": p.optimizer_step, "epoch": p.epoch,
                     "task": self.task.name, "metric": f"{self.selection_split}/{self.task.main_metric}",
                     "value": p.best_value if reason != "final" else None, "run_dir": str(self.run_dir.resolve()),
+                    **summary.exported_evaluation(self.run_dir, p.optimizer_step, self.selection_split),
                 })
+                model_card.write(tmp, self.run_dir)  # model/README.md
                 shutil.rmtree(out, ignore_errors=True)
                 tmp.replace(out)
             except OSError as e:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import evals, free_port, run_cli, subprocess_env
+import yaml
+from conftest import REPO, evals, free_port, read_jsonl, run_cli, snapshot, subprocess_env
 from test_evaluate import make_decisive_model
 
 from distributed_tune.tasks import get_task
@@ -162,6 +165,10 @@ def test_every_evaluation_logs_its_loss_equal_to_a_hand_computed_cross_entropy(h
         {s: r["eval_loss"] for s, r in final.items()}
 
 
+def steps_per_epoch(run: Path) -> int:
+    return yaml.safe_load((run / "config.yaml").read_text())["derived"]["steps_per_epoch"]
+
+
 def test_eval_loss_arithmetic() -> None:
     from distributed_tune.metrics import cross_entropy, score
 
@@ -175,9 +182,130 @@ def test_eval_loss_arithmetic() -> None:
         (np.log(4 / 3) + 200.0) / 2, abs=1e-12)
 
 
+def test_results_json_says_how_the_run_ended_and_what_model_holds(healthy: Path) -> None:
+    results = json.loads((healthy / "results.json").read_text())
+    final = {r["split"]: {k: v for k, v in r.items() if k not in ("split", "optimizer_step", "epoch", "world_size")}
+             for r in evals(healthy) if r["optimizer_step"] == 8}
+    assert (results["status"], results["outcome"], results["task"], results["optimizer_step"], results["epoch"],
+            results["selection"]) == ("finished", "done", "cola", 8, round(8 / steps_per_epoch(healthy), 4), "heldout/mcc")
+    assert results["model"] == {"path": str(healthy / "model"), "optimizer_step": 8, "selected": "final",
+                                "collapsed": False, "eval": final}
+    assert results["last_evaluation"] == {"optimizer_step": 8, "eval": final}
+    summary = next(r for r in read_jsonl(healthy / "metrics.jsonl") if r.get("event") == "train_summary")
+    assert results["train"] == {k: v for k, v in summary.items() if k != "event"}
+    assert "resume" not in results
+
+
+def test_results_json_after_a_stop_and_after_the_resumed_end(decisive: Path, cola_dir: Path, cache_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """A stop request found at start (the SLURM warning's file): the run stops at its first check
+    (step 4, before evaluating), results.json says so and how to resume; the resumed run replaces it."""
+    run = tmp_path / "run"
+    stop = tmp_path / "STOP_REQUESTED"
+    stop.write_text("")
+    run_cli(args(decisive, cola_dir, cache_dir, run), env=subprocess_env(DT_STOP_FILE=str(stop)))
+    results = json.loads((run / "results.json").read_text())
+    assert (run / "STOPPED").is_file()
+    assert results == {"status": "stopped", "outcome": "stopped", "task": "cola", "optimizer_step": 4,
+                       "epoch": round(4 / steps_per_epoch(run), 4), "selection": None, "model": None, "last_evaluation": None,
+                       "train": results["train"],
+                       "resume": f"python -m distributed_tune --config {run / 'config.yaml'} --resume"}
+    assert results["train"]["optimizer_steps"] == 4
+    run_cli([*args(decisive, cola_dir, cache_dir, run), "--resume"])
+    results = json.loads((run / "results.json").read_text())
+    assert (results["status"], results["outcome"], results["optimizer_step"]) == ("finished", "done", 8)
+    end = read_jsonl(run / "metrics.jsonl")[-1]
+    assert results["model"]["optimizer_step"] == end["best_step"] and results["last_evaluation"]["optimizer_step"] == 8
+
+
+def test_results_json_after_early_stopping(decisive: Path, cola_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_cli(args(decisive, cola_dir, cache_dir, run, "train.max_steps=40", "train.eval_every=1",
+                 "train.early_stopping_patience=1", "train.lr=1e-3"))
+    end = read_jsonl(run / "metrics.jsonl")[-1]
+    results = json.loads((run / "results.json").read_text())
+    assert end["outcome"] == "early_stop" and end["optimizer_step"] < 40
+    assert (results["status"], results["outcome"], results["optimizer_step"]) == ("finished", "early_stop",
+                                                                                  end["optimizer_step"])
+    assert results["model"]["optimizer_step"] == end["best_step"]
+
+
 # --------------------------------------------------------------------------- the model card, push
+
+
+def test_the_model_card_parses_as_a_hub_model_card(healthy: Path, cola_raw: Path, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    from distributed_tune import model_card
+    from distributed_tune.files import sha256_file
+
+    card = ModelCard.load(healthy / "model" / "README.md")
+    meta = card.data.to_dict()
+    assert (meta["pipeline_tag"], meta["library_name"], meta["datasets"]) == (
+        "text-classification", "transformers", ["nyu-mll/glue"])
+    assert "base_model" not in meta  # a local folder: its hub id is unknown
+    final = {r["split"]: r for r in evals(healthy) if r["optimizer_step"] == 8}
+    got = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    want = {(split, hub): round(final[split][ours], 6) for split in final
+            for ours, hub in (("mcc", "matthews_correlation"), ("accuracy", "accuracy"), ("eval_loss", "loss"))}
+    assert got == want
+    assert {r.dataset_type for r in card.data.eval_results} == {"nyu-mll/glue"}
+    text = card.text
+    for line in ("These are the weights of optimizer step 8 (final) of a run that ended at step 8 (done).",
+                 "| seed | 42 |", "| world size | 1 (world 1 x micro 16 x accumulation 1 = global batch 16) |",
+                 f"| in_domain_train.tsv | `{sha256_file(cola_raw / 'in_domain_train.tsv')}` |",
+                 f'classifier = pipeline("text-classification", model="{(healthy / "model").resolve()}")'):
+        assert line in text.splitlines(), line
+    assert "| training time |" in text and "**Collapsed:**" not in text
+    # A hub model's id becomes base_model.
+    copy = tmp_path / "run"
+    shutil.copytree(healthy, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["model"]["name"] = "bert-base-uncased"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    model_card.write(copy / "model", copy, repo_id="you/tiny-cola")
+    card = ModelCard.load(copy / "model" / "README.md")
+    assert card.data.base_model == "bert-base-uncased" and card.data.model_name == "tiny-cola"
+    assert 'classifier = pipeline("text-classification", model="you/tiny-cola")' in card.text
+
+
+def test_push_is_refused_without_network_in_one_line(healthy: Path, tmp_path: Path) -> None:
+    before = snapshot(healthy)
+    proc = run_cli(["push", str(healthy), "--repo-id", "you/tiny-cola"], check=False)  # HF_HUB_OFFLINE=1
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: push needs the Hugging Face Hub, and it cannot be used here (HF_HUB_OFFLINE is set); push from a "
+        f"machine with network, or upload {healthy / 'model'} as it is (its README.md is the model card)"]
+    endpoint = f"http://127.0.0.1:{free_port()}"  # online, but the hub's address does not answer
+    proc = run_cli(["push", str(healthy), "--repo-id", "you/tiny-cola"], check=False,
+                   env=subprocess_env(HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: push needs the Hugging Face Hub, and it cannot be used here ({endpoint} cannot be reached: "
+        f"Connection refused); push from a machine with network, or upload {healthy / 'model'} as it is (its "
+        "README.md is the model card)"]
+    proc = run_cli(["push", str(tmp_path), "--repo-id", "you/tiny-cola"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path}: not a run directory with an exported model (config.yaml, model/training_info.json); "
+        "push the output_dir of a run that has evaluated at least once"]
+    assert snapshot(healthy) == before
 
 
 # --------------------------------------------------------------------------- a collapsed model, flagged
 
 
+def test_results_and_the_card_are_rendered_without_the_network(healthy: Path) -> None:
+    """results.json and the model card come from the run's own files: with every socket connection
+    refused, both render (huggingface_hub only formats the card's metadata here)."""
+    code = f"""
+import json, socket
+from pathlib import Path
+def refuse(*args, **kwargs):
+    raise AssertionError("a network connection was tried")
+socket.socket.connect = refuse
+from distributed_tune import model_card, summary
+run = Path({str(healthy)!r})
+summary.run_results(run)
+model_card.render(run, json.loads((run / "model" / "training_info.json").read_text()), "x", "x")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(HF_HUB_OFFLINE="0"), capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
