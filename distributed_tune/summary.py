@@ -119,6 +119,27 @@ def honest(summary: dict[str, Any], heldout: bool) -> dict[str, Any]:
     return summary["selected_dev"] if heldout else summary["final"]
 
 
+def pick_winner(settings: dict[str, dict[str, Any]], heldout: bool) -> tuple[str | None, str | None]:
+    """(the winning setting, None), by the highest median of the honest value; or (None, why there
+    is none). A setting whose every scored run collapsed (a single class predicted at the honest
+    value's evaluation) is no candidate: its MCC 0 is the absence of a model, not a score. A tie at
+    the top names no winner either. (None, None): no finished run yet."""
+    collapsed = "collapsed_selected" if heldout else "collapsed_final"
+    scored = {n: s for n, s in settings.items() if honest(s, heldout)["median"] is not None}
+    if not scored:
+        return None, None
+    candidates = {n: s for n, s in scored.items() if s[collapsed] < s["scored"]}
+    if not candidates:
+        return None, (f"every finished run of {'every setting' if len(scored) > 1 else 'the sweep'} collapsed "
+                      "(predicted a single class): their value is no signal of which setting is better; "
+                      "try another train.lr, more steps or more seeds")
+    best = max(honest(s, heldout)["median"] for s in candidates.values())
+    top = [n or "(config)" for n, s in candidates.items() if honest(s, heldout)["median"] == best]
+    if len(top) > 1:
+        return None, f"{' and '.join(top)} tie at median {best:.4f}"
+    return next(n for n, s in candidates.items() if honest(s, heldout)["median"] == best), None
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 

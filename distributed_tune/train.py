@@ -656,14 +656,19 @@ class Recipe:
             at_step = {r["split"]: r for r in evaluations if r.get("optimizer_step") == at}
             return ", ".join(f"{s} {r[main]:.4f}" for s, r in at_step.items() if main in r)
 
+        def flag(at: int) -> str:  # the evaluation lines' warning, where the selection split was one class
+            return "  (collapsed: one class predicted)" if any(
+                r["split"] == self.selection_split and r.get("collapsed") for r in evaluations
+                if r.get("optimizer_step") == at) else ""
+
         last = splits_at(self.last_eval_step) if step != self.last_eval_step else ""
         lines = [
             f"finished ({outcome.replace('_', ' ')}) after {p.optimizer_step} optimizer steps in "
             f"{duration(self.out.elapsed())} (training {duration(self.window.train_seconds)}, "
             f"evaluation {duration(self.eval_seconds)})",
-            f"model/ = step {step} ({info.get('selected', 'final')}): {main} {splits_at(step)}",
+            f"model/ = step {step} ({info.get('selected', 'final')}): {main} {splits_at(step)}{flag(step)}",
             *([f"last evaluation (step {self.last_eval_step}, the honest number when model/ was selected on the "
-               f"reported split): {main} {last}"] if last else []),
+               f"reported split): {main} {last}{flag(self.last_eval_step)}"] if last else []),
             f"model:    {self.run_dir / 'model'}  (save_pretrained folder; transformers.pipeline loads it)",
             f"evaluate: python -m distributed_tune evaluate {self.run_dir}",
         ]

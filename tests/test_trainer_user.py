@@ -20,6 +20,7 @@ import yaml
 from conftest import REPO, evals, free_port, read_jsonl, run_cli, snapshot, subprocess_env
 from test_evaluate import make_decisive_model
 
+from distributed_tune.summary import pick_winner
 from distributed_tune.tasks import get_task
 
 COLLAPSED = "  (collapsed: one class predicted)"
@@ -38,11 +39,35 @@ def decisive(tiny_model: Path, cola_raw: Path, tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="module")
+def one_class(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT with its head biased to 'acceptable' by 10 logits: every run of a few small
+    steps predicts one class (CoLA's classic collapse, MCC 0)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("one-class") / "model"
+    shutil.copytree(tiny_model, folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([0.0, 10.0]))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def healthy(decisive: Path, cola_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 steps, evaluations at 4 and 8, a held-out tenth of train selecting, model/ = the last weights."""
     run = tmp_path_factory.mktemp("healthy") / "run"
     run_cli(args(decisive, cola_dir, cache_dir, run, "data.heldout_fraction=0.1", "train.select_best=false"))
     return run
+
+
+@pytest.fixture(scope="module")
+def collapsed(one_class: Path, cola_dir: Path, cache_dir: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    run = tmp_path_factory.mktemp("collapsed") / "run"
+    return run, run_cli(args(one_class, cola_dir, cache_dir, run, "train.max_steps=4", "train.eval_every=2",
+                             "train.lr=1e-5"))
 
 
 # --------------------------------------------------------------------------- data a Trainer user brings
@@ -290,6 +315,79 @@ def test_push_is_refused_without_network_in_one_line(healthy: Path, tmp_path: Pa
 
 
 # --------------------------------------------------------------------------- a collapsed model, flagged
+
+
+def test_the_final_block_flags_a_collapsed_model(collapsed: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run, proc = collapsed
+    lines = [line.removeprefix("[distributed_tune] ") for line in proc.stderr.splitlines()]
+    assert ("model/ = step 2 (best dev mcc): mcc in_domain_dev 0.0000, out_of_domain_dev 0.0000, dev 0.0000"
+            + COLLAPSED) in lines
+    assert ("last evaluation (step 4, the honest number when model/ was selected on the reported split): mcc "
+            "in_domain_dev 0.0000, out_of_domain_dev 0.0000, dev 0.0000" + COLLAPSED) in lines
+    info = json.loads((run / "model" / "training_info.json").read_text())
+    assert info["collapsed"] is True and info["evaluation"]["dev"]["confusion_matrix"] == [[0, 324], [0, 719]]
+    assert json.loads((run / "results.json").read_text())["model"]["collapsed"] is True
+    assert "**Collapsed:** at this step the model predicted a single class on dev (mcc 0.0000)" in \
+        (run / "model" / "README.md").read_text()
+
+
+def test_predict_warns_once_on_a_collapsed_model(collapsed: tuple[Path, subprocess.CompletedProcess],
+                                                 healthy: Path, tmp_path: Path) -> None:
+    run, _ = collapsed
+    warning = (f"warning: {run / 'model'} is collapsed: at optimizer step 2 it predicted a single class on dev "
+               "(mcc 0.0000); its labels carry no information: train it again (another train.lr or seed)")
+    proc = run_cli(["predict", str(run), "The sailors rode the breeze clear of the rocks.", "Him saw she."])
+    assert proc.stderr.strip().splitlines() == [warning]
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ["acceptable", "acceptable"]
+    # The flag travels with the folder: a copy of model/ alone warns too.
+    shutil.copytree(run / "model", tmp_path / "copied")
+    proc = run_cli(["predict", str(tmp_path / "copied"), "--file", str(REPO / "README.md"),
+                    "--out", str(tmp_path / "p.jsonl")])
+    assert proc.stderr.strip().splitlines() == [warning.replace(str(run / "model"), str(tmp_path / "copied"))]
+    # An export from before the field existed: the run's metrics.jsonl says it.
+    info = json.loads((run / "model" / "training_info.json").read_text())
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    (old / "model" / "training_info.json").write_text(json.dumps(
+        {k: v for k, v in info.items() if k not in ("collapsed", "evaluation")}))
+    proc = run_cli(["predict", str(old), "Him saw she."])
+    assert proc.stderr.strip().splitlines() == [warning.replace(str(run / "model"), str(old / "model"))]
+    proc = run_cli(["predict", str(healthy), "Him saw she."])
+    assert proc.stderr.strip() == "" and len(proc.stdout.splitlines()) == 1
+
+
+def test_a_sweep_whose_runs_all_collapsed_names_no_winner(one_class: Path, cola_dir: Path, cache_dir: Path,
+                                                          tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["sweep", "--seeds", "1", "--grid", "train.lr=1e-5,2e-5",
+                    *args(one_class, cola_dir, cache_dir, sweep, "train.max_steps=4", "train.eval_every=2")])
+    reason = ("every finished run of every setting collapsed (predicted a single class): their value is no signal "
+              "of which setting is better; try another train.lr, more steps or more seeds")
+    payload = json.loads((sweep / "sweep_summary.json").read_text())
+    assert (payload["winner"], payload["no_winner"]) == (None, reason)
+    assert [s["summary"]["final"]["median"] for s in payload["settings"].values()] == [0.0, 0.0]
+    assert [(s["summary"]["collapsed_final"], s["summary"]["scored"]) for s in payload["settings"].values()] == [
+        (1, 1), (1, 1)]
+    md = (sweep / "sweep_summary.md").read_text()
+    assert f"no winner: {reason}" in md.splitlines() and "(winner)" not in md
+    assert f"no winner: {reason}" in proc.stdout
+
+
+def test_winner_rules_on_scripted_settings() -> None:
+    def settings(**medians_collapsed: tuple[float | None, int]) -> dict:
+        return {name.replace("_", "="): {"final": {"median": m}, "selected_dev": {"median": m}, "collapsed_final": c,
+                                         "collapsed_selected": c, "scored": 0 if m is None else 3}
+                for name, (m, c) in medians_collapsed.items()}
+
+    # A setting that always collapsed does not beat a poor one that learned something.
+    assert pick_winner(settings(lr_1=(0.0, 3), lr_2=(-0.02, 0)), heldout=False) == ("lr=2", None)
+    assert pick_winner(settings(lr_1=(0.31, 1), lr_2=(0.30, 0)), heldout=True) == ("lr=1", None)
+    assert pick_winner(settings(lr_1=(0.3, 0), lr_2=(0.3, 1)), heldout=False) == (
+        None, "lr=1 and lr=2 tie at median 0.3000")
+    assert pick_winner(settings(lr_1=(None, 0)), heldout=False) == (None, None)  # nothing finished yet
+    assert pick_winner({"": settings(x=(0.0, 3))["x"]}, heldout=False)[1].startswith(
+        "every finished run of the sweep collapsed")
+    assert pick_winner({"": settings(x=(0.2, 0))["x"]}, heldout=False) == ("", None)
 
 
 def test_results_and_the_card_are_rendered_without_the_network(healthy: Path) -> None:

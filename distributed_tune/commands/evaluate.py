@@ -113,22 +113,6 @@ def score_examples(target: Target, examples: list[Any], label_names: tuple[str, 
     return {"splits": metrics, "by_source": by_source}, outputs
 
 
-def run_logged_eval(target: Target) -> dict[str, Any] | None:
-    """The run's own evaluation of the weights in model/ (the step in training_info.json, else
-    the last one), split -> record; None for a bare model folder."""
-    if target.run_dir is None or not (target.run_dir / "metrics.jsonl").is_file():
-        return None
-    from distributed_tune.metrics import read_metrics
-
-    evals = [r for r in read_metrics(target.run_dir / "metrics.jsonl") if "split" in r]
-    if not evals:
-        return None
-    info = target.training_info or {}
-    step = info.get("optimizer_step", evals[-1]["optimizer_step"])
-    at_step = [r for r in evals if r["optimizer_step"] == step] or evals
-    return {r["split"]: r for r in at_step}
-
-
 def write_outputs(out: Path, result: dict[str, Any], target: Target, label_names: tuple[str, ...],
                   examples: list[Any], outputs: Any) -> None:
     from distributed_tune.evaluation import example_fields, prediction_row
@@ -215,7 +199,7 @@ def run(argv: list[str]) -> int:
             "model": str(target.model_dir), "run_dir": str(target.run_dir) if target.run_dir else None,
             "task": target.cfg.task, "labels": list(label_names), "training_info": target.training_info,
             "data": described, "tsv": bool(args.tsv), "world_size": accelerator.num_processes,
-            "batch_size": args.batch_size, **result, "run_logged": run_logged_eval(target),
+            "batch_size": args.batch_size, **result, "run_logged": target.logged_evaluation(),
         }
         write_outputs(out, result, target, label_names, examples, outputs)
         print_result(result, out, target)

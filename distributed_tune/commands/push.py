@@ -7,12 +7,13 @@ Uploads RUN/model/ through huggingface_hub into the repository (created if missi
 model card (model/README.md) rendered again from the run under the repository's name, so that the
 published folder says how to load it from there. Needs network and a Hub token (`hf auth login`
 or HF_TOKEN). Without network (HF_HUB_OFFLINE set, or the hub's address unreachable) it is refused
-with one line before anything is sent.
+with one line before anything is sent. A collapsed model is pushed with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from distributed_tune.errors import ConfigError, DistributedTuneError, RunDirError
@@ -31,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from distributed_tune import hub, model_card
+    from distributed_tune.trained import resolve_target
 
     run_dir = Path(args.run).expanduser()
     if run_dir.name == "model" and (run_dir.parent / "config.yaml").is_file():
@@ -45,6 +47,9 @@ def run(argv: list[str]) -> int:
     if offline is not None:
         raise ConfigError(f"push needs the Hugging Face Hub, and it cannot be used here ({offline}); push from a "
                           f"machine with network, or upload {model_dir} as it is (its README.md is the model card)")
+    warning = resolve_target(str(run_dir), []).collapse_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     model_card.write(model_dir, run_dir, repo_id=args.repo_id)
     from huggingface_hub import HfApi
 
