@@ -38,8 +38,8 @@ TRAINER_STATE = "trainer_state.json"
 KEY_ENV = "DT_CHECKPOINT_KEY"
 
 # What a run writes into its directory (and all that `--overwrite` may delete).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "predictions.jsonl", "data_fingerprint.json", "STOPPED", "STOP_REQUESTED", ".lock",
-             "accelerate.yaml", "ds_config.json", "job.sbatch")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "predictions.jsonl", "data_fingerprint.json", "results.json", "STOPPED",
+             "STOP_REQUESTED", ".lock", "accelerate.yaml", "ds_config.json", "job.sbatch")
 RUN_DIRS = ("checkpoints", "model", ".tmp-model", "trackers")
 # Written by `evaluate` / `report` into these folders; only these names are ever deleted there.
 DERIVED_FILES = {"eval": ("metrics.json", "predictions.jsonl"),

@@ -23,6 +23,7 @@ COMMANDS = {
     "submit": "render a SLURM batch script and sbatch it",
     "evaluate": "score a run or model folder on the task's evaluation sets",
     "predict": "label sentences (or GLUE's test sets) with a trained model",
+    "push": "publish a run's model/ (with its model card) to the Hugging Face Hub",
     "sweep": "run one config over seeds and a grid of settings",
     "report": "markdown report with plots for a run or sweep",
     "config": "print the resolved config, or every key with --keys",

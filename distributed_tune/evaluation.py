@@ -2,8 +2,9 @@
 
 Used by the training loop's evaluation and by the `evaluate` and `predict` commands:
 
-    outputs = predict_distributed(accelerator, model, data, batch_size=128, pad_to_multiple_of=1)
-    preds = predictions(task, outputs)          # class indices, or scores for regression
+    predicted = predict_distributed(accelerator, model, data, batch_size=128, pad_to_multiple_of=1)
+    preds = predictions(task, predicted.outputs)   # class indices, or scores for regression
+    # predicted.logits: the raw logits, what the evaluation loss is computed from (metrics.score)
 
 Every process runs the same number of batches (ZeRO-3's forward is a collective), takes its
 length-sorted round-robin shard (`data.eval_shard`), and the outputs are gathered with their
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,18 @@ from distributed_tune.metrics import confusion, mcc
 from distributed_tune.tasks import Example, Task
 
 EVAL_BATCH = 128  # the training loop's and `evaluate`'s batch: same batches, same floating-point sums
-Output = tuple[int, list[float]]  # (example index, the model's outputs: class probabilities or the score)
+# (example index, the model's outputs: class probabilities or the score, its logits)
+Output = tuple[int, list[float], list[float]]
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """One prediction pass over a set, in example order."""
+
+    outputs: np.ndarray  # [n, classes] probabilities (softmax on the device), or [n, 1] scores
+    # [n, classes] the float32 logits themselves: the loss is computed from these, not from the
+    # probabilities (a probability that rounds to 0 has no logarithm).
+    logits: np.ndarray
 
 
 @torch.no_grad()
@@ -41,30 +54,31 @@ def predict_indices(model: torch.nn.Module, data: Tokenized, index: np.ndarray, 
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         logits = model(**inputs).logits.float()
         values = logits if regression else torch.softmax(logits, dim=-1)
-        out += [(int(i), v) for i, v in zip(part, values.cpu().tolist()) if i >= 0]
+        out += [(int(i), v, z) for i, v, z in zip(part, values.cpu().tolist(), logits.cpu().tolist()) if i >= 0]
     return out
 
 
 def gather_exactly_once(local: list[Output], n: int, gather: Callable[[list[Output]], list[Output]] | None = None
-                        ) -> np.ndarray:
-    """All processes' outputs in example order, [n, outputs]; fails if an example is missing or
+                        ) -> Predicted:
+    """All processes' outputs and logits in example order; fails if an example is missing or
     counted twice."""
     gathered = list(gather(local) if gather is not None else local)
-    indices = sorted(i for i, _ in gathered)
+    indices = sorted(item[0] for item in gathered)
     if indices != list(range(n)):
         raise AssertionError(
             f"gathered {len(indices)} predictions for {n} examples ({len(set(indices))} distinct): "
             "an example was lost or counted twice"
         )
     gathered.sort(key=lambda item: item[0])
-    return np.array([v for _, v in gathered], dtype=np.float64).reshape(n, -1)
+    return Predicted(np.array([v for _, v, _ in gathered], dtype=np.float64).reshape(n, -1),
+                     np.array([z for _, _, z in gathered], dtype=np.float64).reshape(n, -1))
 
 
 def predict_distributed(accelerator: Any, model: torch.nn.Module, data: Tokenized, batch_size: int,
-                        pad_to_multiple_of: int, regression: bool) -> np.ndarray:
-    """The model's outputs ([n, classes] probabilities, or [n, 1] scores) for every example of
-    `data`, on every process. Collective: all processes must call it. The model is put in eval
-    mode and restored after."""
+                        pad_to_multiple_of: int, regression: bool) -> Predicted:
+    """The model's outputs ([n, classes] probabilities, or [n, 1] scores) and logits for every
+    example of `data`, on every process. Collective: all processes must call it. The model is put
+    in eval mode and restored after."""
     shard = eval_shard(data.lengths, accelerator.process_index, accelerator.num_processes)
     was_training = model.training
     model.eval()

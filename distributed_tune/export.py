@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from distributed_tune import model_card
 from distributed_tune.errors import RunDirError
 from distributed_tune.files import atomic_write_json
 from distributed_tune.model import quiet_transformers
@@ -45,6 +46,7 @@ def export_model(accelerator: Any, model: Any, tokenizer: Any, run_dir: Path, in
                 unwrapped.save_pretrained(tmp, state_dict=fp32, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / TRAINING_INFO, info)
+            model_card.write(tmp, run_dir)  # model/README.md
             shutil.rmtree(out, ignore_errors=True)
             tmp.replace(out)
         except OSError as e:

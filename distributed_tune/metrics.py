@@ -1,10 +1,11 @@
 """Evaluation metrics (one function per task kind).
 
-    score(task, labels, preds)  ->  {"n": 1043, "mcc": 0.52, "accuracy": 0.83, "confusion_matrix": ..., ...}
+    score(task, labels, preds, 2, logits)  ->  {"n": 1043, "mcc": 0.52, ..., "eval_loss": 0.47}
 
 Classification: Matthews correlation, accuracy, F1 (binary: of label 1; more classes: macro),
 the confusion matrix and `collapsed` (a single class predicted: CoLA's classic failure, MCC 0).
-Regression: Pearson and Spearman correlation and the mean squared error.
+Regression: Pearson and Spearman correlation and the mean squared error. Both: `eval_loss`, the
+training objective on the split (the HF Trainer's name; `loss` names training records).
 """
 
 from __future__ import annotations
@@ -85,21 +86,35 @@ def regression_metrics(labels: np.ndarray, preds: np.ndarray) -> dict[str, Any]:
     }
 
 
-def score(task: Task, labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict[str, Any]:
-    """The task's metrics for one split (labels and predictions in the same order)."""
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of [n, classes] logits against class indices (the classification
+    training loss), in float64 through log-sum-exp."""
+    z = np.asarray(logits, dtype=np.float64)
+    if not len(z):
+        return 0.0
+    z = z - z.max(axis=1, keepdims=True)
+    nll = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), np.asarray(labels, dtype=np.int64)]
+    return float(nll.mean())
+
+
+def score(task: Task, labels: np.ndarray, preds: np.ndarray, num_labels: int, logits: np.ndarray) -> dict[str, Any]:
+    """The task's metrics for one split (labels, predictions and logits in the same order), and
+    `eval_loss`: mean cross-entropy of the logits, or for regression the mean squared error (the
+    training loss of each)."""
     if task.regression:
-        return regression_metrics(labels, preds)
-    return classification_metrics(labels, preds, num_labels)
+        m = regression_metrics(labels, preds)
+        return {**m, "eval_loss": m["mse"]}
+    return {**classification_metrics(labels, preds, num_labels), "eval_loss": cross_entropy(logits, labels)}
 
 
 def score_splits(task: Task, labels: np.ndarray, preds: np.ndarray, splits: list[str],
-                 num_labels: int) -> dict[str, dict[str, Any]]:
+                 num_labels: int, logits: np.ndarray) -> dict[str, dict[str, Any]]:
     """`score` for each eval split (in order of first appearance), plus the task's combined split."""
     splits_arr = np.asarray(splits)
     out = {}
     for split in dict.fromkeys(splits):
         mask = splits_arr == split
-        out[split] = score(task, labels[mask], preds[mask], num_labels)
+        out[split] = score(task, labels[mask], preds[mask], num_labels, logits[mask])
     if task.combined_split:
-        out[task.combined_split] = score(task, labels, preds, num_labels)
+        out[task.combined_split] = score(task, labels, preds, num_labels, logits)
     return out

@@ -11,10 +11,6 @@ weights that were missing).
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
-import socket
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +19,10 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from distributed_tune.config import ModelConfig, TrainConfig
-from distributed_tune.errors import ConfigError, ModelError
+from distributed_tune import hub
+from distributed_tune.config import Config, ModelConfig, TrainConfig
+from distributed_tune.errors import ConfigError, DistributedTuneError, ModelError
+from distributed_tune.tasks import Task, TaskData
 
 HEAD_PREFIXES = ("classifier.", "score.", "pooler.", "pre_classifier.", "logits_proj", "sequence_summary.")
 
@@ -53,21 +51,9 @@ def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """from_pretrained arguments; without a reachable hub, only local files are tried, so that an
     offline run fails at once instead of after the hub client's retries (~45 s)."""
     kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    if not Path(cfg.name).expanduser().exists() and not _hub_reachable():
+    if not Path(cfg.name).expanduser().exists() and hub.offline_reason() is not None:
         kwargs["local_files_only"] = True
     return kwargs
-
-
-@functools.cache
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
@@ -105,6 +91,21 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     tok.padding_side = "right"
     tok.init_kwargs["padding_side"] = "right"  # save_pretrained writes init_kwargs
     return tok
+
+
+def read_data_and_tokenizer(task: Task, cfg: Config) -> tuple[TaskData, Any]:
+    """The task's data and the model's tokenizer. When the data cannot be read the tokenizer is
+    still tried, and both problems are one error: without network a default run lacks both the
+    CoLA archive and the hub model, and a user should not need one attempt per key."""
+    try:
+        data = task.read(cfg.data)
+    except DistributedTuneError as data_error:
+        try:
+            load_tokenizer(cfg.model)
+        except ModelError as model_error:
+            raise DistributedTuneError(f"2 problems: (1) {data_error}; (2) {model_error}") from None
+        raise
+    return data, load_tokenizer(cfg.model)
 
 
 def max_positions(model_config: Any, tokenizer: Any) -> int | None:

@@ -40,7 +40,9 @@ SCHEMA: dict[str, tuple[str, dict[str, str]]] = {
         "mcc": "Matthews correlation (classes)", "accuracy": "accuracy (classes)",
         "f1": "F1 (classes; two: of label 1, more: macro)", "pearson": "Pearson r (regression)",
         "spearman": "Spearman rho (regression)", "mse": "mean squared error (regression)",
-        "confusion_matrix": "counts, rows gold, columns predicted", "collapsed": "a single class (or constant) predicted",
+        "eval_loss": "mean cross-entropy over the split, from the gathered logits (regression: the MSE); the HF "
+                     "Trainer's name", "confusion_matrix": "counts, rows gold, columns predicted",
+        "collapsed": "a single class (or constant) predicted",
         "optimizer_step": "when", "epoch": "epochs done (fractional)", "world_size": "processes that predicted"}),
     FIRST_STEP: ("the first optimizer step finished", {
         "optimizer_step": "1", "startup_s": "seconds from process start", "world_size": "processes"}),
@@ -135,6 +137,12 @@ def events(rows: Iterable[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 def finished(rows: Iterable[dict[str, Any]]) -> bool:
     """The run completed (its last record is `finished`; a stopped or killed run has none)."""
     return bool(events(rows, FINISHED))
+
+
+def last_end(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """How the last attempt ended: its `finished` or `stopped` record (None: still running, or killed)."""
+    ends = [r for r in rows if kind(r) in (FINISHED, STOPPED)]
+    return ends[-1] if ends else None
 
 
 def at_step(rows: Iterable[dict[str, Any]], step: int) -> dict[str, dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from distributed_tune import records, trackers
+from distributed_tune import model_card, records, summary, trackers
 from distributed_tune.config import Config, Derived
 from distributed_tune.console import Console, duration
 from distributed_tune.model import peak_flops
@@ -154,7 +154,8 @@ class Reporter:
             trackers.log_eval(self.acc, self.cfg, split, metrics, p.optimizer_step)
         main = self.task.main_metric
         sel = result[self.selection_split]
-        parts = [f"{s} {result[s][main]:.4f}" for s in self.task.reported_splits() if s != self.selection_split]
+        parts = [f"{s} {result[s][main]:.4f}" for s in self.task.reported_splits()
+                 if s != self.selection_split and s in result]
         warn = "  (collapsed: one class predicted)" if sel["collapsed"] else ""
         self.say(f"eval step {p.optimizer_step}: {self.selection_split} {main} {sel[main]:.4f}"
                  + (f" ({', '.join(parts)})" if parts else "") + f"; n={sel['n']}{warn}")
@@ -204,19 +205,32 @@ class Reporter:
         def splits_at(at: int) -> str:
             return ", ".join(f"{s} {r[main]:.4f}" for s, r in records.at_step(rows, at).items() if main in r)
 
+        def flag(at: int) -> str:  # the evaluation lines' warning, where the selection split was one class
+            collapsed = records.at_step(rows, at).get(self.selection_split, {}).get("collapsed")
+            return "  (collapsed: one class predicted)" if collapsed else ""
+
         last = splits_at(last_eval_step) if step != last_eval_step else ""
         lines = [
             f"finished ({outcome.replace('_', ' ')}) after {p.optimizer_step} optimizer steps in "
             f"{duration(self.out.elapsed())} (training {duration(self.window.train_seconds)}, "
             f"evaluation {duration(self.eval_seconds)})",
-            f"model/ = step {step} ({info.get('selected', 'final')}): {main} {splits_at(step)}",
+            f"model/ = step {step} ({info.get('selected', 'final')}): {main} {splits_at(step)}{flag(step)}",
             *([f"last evaluation (step {last_eval_step}, the honest number when model/ was selected on the "
-               f"reported split): {main} {last}"] if last else []),
+               f"reported split): {main} {last}{flag(last_eval_step)}"] if last else []),
             f"model:    {self.run_dir / 'model'}  (save_pretrained folder; transformers.pipeline loads it)",
             f"evaluate: python -m distributed_tune evaluate {self.run_dir}",
         ]
         for line in lines:
             self.say(line)
+
+    def end_of_attempt(self) -> None:
+        """Rank 0, when an attempt ends (finished, stopped early, or stopped for a signal):
+        results.json for scripts, and model/'s card again, now with the training time."""
+        if not self.is_main:
+            return
+        summary.write_results(self.run_dir)
+        if (self.run_dir / "model").is_dir():
+            model_card.write(self.run_dir / "model", self.run_dir)
 
     def close(self) -> None:
         self.out.close()

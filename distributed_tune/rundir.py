@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distributed_tune import checkpoint
+from distributed_tune import checkpoint, summary
 from distributed_tune.config import Config
 from distributed_tune.errors import RunDirError
 from distributed_tune.files import RunLock, atomic_write_json
@@ -66,8 +66,10 @@ class RunDir:
             raise RunDirError(problem[0])
 
     def new_attempt(self) -> None:
-        """Rank 0, once the attempt is accepted: an earlier attempt's STOPPED no longer holds."""
-        (self.path / STOPPED).unlink(missing_ok=True)
+        """Rank 0, once the attempt is accepted: how the last attempt ended (STOPPED, results.json)
+        no longer holds."""
+        for name in (STOPPED, summary.RESULTS_JSON):
+            (self.path / name).unlink(missing_ok=True)
 
     def mark_stopped(self, signal_name: str, optimizer_step: int) -> None:
         """Rank 0: the run stopped for a signal, with this step's checkpoint (what a batch script requeues on)."""

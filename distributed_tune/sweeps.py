@@ -18,7 +18,7 @@ from distributed_tune import checkpoint
 from distributed_tune.config import Config, load_config, parse_overrides
 from distributed_tune.errors import ConfigError, RunDirError
 from distributed_tune.files import atomic_write_json, atomic_write_text
-from distributed_tune.summary import RunResult, describe, fmt, honest, run_result, summarize
+from distributed_tune.summary import RunResult, describe, fmt, honest, pick_winner, run_result, summarize
 
 SUMMARY_JSON, SUMMARY_MD, SWEEP_JSON, SBATCH = "sweep_summary.json", "sweep_summary.md", "sweep.json", "sweep.sbatch"
 RESERVED = ("seed", "output_dir", "resume", "overwrite")
@@ -111,13 +111,12 @@ def write_summary(sweep_dir: Path, echo: bool = True) -> dict[str, Any]:
     heldout = cfg.data.heldout_fraction > 0
     per_setting = collect(sweep, sweep_dir, cfg)
     settings = {name: summarize(results) for name, results in per_setting.items()}
-    ranked = sorted((name for name in settings if honest(settings[name], heldout)["median"] is not None),
-                    key=lambda n: -honest(settings[n], heldout)["median"])
+    winner, no_winner = pick_winner(settings, heldout)
     metric = f"{task.selection_split} {task.main_metric}"
     payload = {
         "sweep_dir": str(sweep_dir), "task": task.name, "metric": metric, "heldout_selection": heldout,
         "honest": "dev value at the held-out selection" if heldout else "final value",
-        "winner": ranked[0] if ranked else None,
+        "winner": winner, "no_winner": no_winner,
         "settings": {name: {"summary": s, "runs": [asdict(r) for r in per_setting[name]]} for name, s in settings.items()},
     }
     atomic_write_json(sweep_dir / SUMMARY_JSON, payload)
@@ -162,6 +161,8 @@ def summary_markdown(payload: dict[str, Any]) -> str:
                          f"{r['first_non_collapsed_step'] or '-'} | {r['status']} |")
     if payload["winner"] is not None:
         lines += ["", f"winner (median of the {payload['honest']}): {payload['winner'] or '(config)'}"]
+    elif payload.get("no_winner"):
+        lines += ["", f"no winner: {payload['no_winner']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distributed_tune import checkpoint, records, signals
+from distributed_tune import checkpoint, records, signals, summary
 from distributed_tune.config import Config, Derived, TrainConfig, derive, dump_resolved, load_config
 from distributed_tune.data import (
     HELDOUT,
@@ -43,7 +43,7 @@ from distributed_tune.data import (
 )
 from distributed_tune.distributed import build_accelerator
 from distributed_tune.errors import DataError, RunDirError, TrainingError
-from distributed_tune.evaluation import EVAL_BATCH, predict_distributed, predictions, write_predictions
+from distributed_tune.evaluation import EVAL_BATCH, Predicted, predict_distributed, predictions, write_predictions
 from distributed_tune.export import export_model
 from distributed_tune.files import atomic_write_json
 from distributed_tune.metrics import score, score_splits
@@ -53,12 +53,12 @@ from distributed_tune.model import (
     class_weights,
     continue_schedule,
     load_model,
-    load_tokenizer,
+    read_data_and_tokenizer,
     training_flops_per_token,
 )
 from distributed_tune.reporting import Reporter
 from distributed_tune.rundir import RunDir
-from distributed_tune.tasks import Example, TaskData
+from distributed_tune.tasks import Example
 
 # Optimizer steps between checks for stop signals and non-finite losses (each is a host-device
 # sync and a collective); checks also run before every checkpoint and evaluation.
@@ -176,7 +176,9 @@ class Recipe:
             with self.run_dir.owned():
                 if not self.setup():
                     return {"optimizer_step": None, "outcome": Outcome.ALREADY_FINISHED.value}
-                return self.train()
+                ended = self.train()
+                self.report.end_of_attempt()  # results.json, and the model card with the training time
+                return ended
         finally:
             if self.report is not None:
                 self.report.close()
@@ -196,8 +198,7 @@ class Recipe:
         cache = Path(cfg.data.cache_dir).expanduser()
         # Download, read and tokenize on the local main process first; the others hit its cache.
         with acc.local_main_process_first():
-            self.data: TaskData = self.task.read(cfg.data)
-            self.tokenizer = load_tokenizer(cfg.model)
+            self.data, self.tokenizer = read_data_and_tokenizer(self.task, cfg)  # both problems said at once
             train, heldout = split_heldout(self.data.train, cfg.data.heldout_fraction, self.task.regression)
             self.train_data = self.tokenize(train, cache)
             self.check_tokenizer()
@@ -242,6 +243,9 @@ class Recipe:
         report.start(self.derived, self.state.progress.optimizer_step, flops_per_token)
         for note in notes:
             report.say(note)
+        for split in self.task.absent_splits(self.data):  # evaluate the splits that exist, say which do not
+            report.say(f"{split}: no examples in data.source={cfg.data.source}; not evaluated"
+                       + (f" ({self.task.combined_split} is the other splits only)" if self.task.combined_split else ""))
         counts = ", ".join(f"{k} {v}" for k, v in self.data.counts().items())
         held = f", heldout {len(heldout)} (selection)" if heldout else ""
         report.say(f"{self.task.name}: {counts}{held}; {self.derived.describe()}")
@@ -474,22 +478,23 @@ class Recipe:
 
     # ------------------------------------------------------------------ evaluation
 
-    def predict(self, eval_set: EvalSet) -> np.ndarray:
+    def predict(self, eval_set: EvalSet) -> Predicted:
         return predict_distributed(self.accelerator, self.model, eval_set.data, EVAL_BATCH,
                                    self.derived.pad_to_multiple_of, self.task.regression)
 
     def evaluate(self) -> dict[str, Any]:
         """Predict every evaluation example once (gathered, checked exactly once); rank 0 scores."""
-        outputs = self.predict(self.dev)
+        dev = self.predict(self.dev)
         held = self.predict(self.heldout) if self.heldout else None
         result: dict[str, Any] = {}
         if self.is_main:
             n = len(self.data.label_names) or 1
-            result = score_splits(self.task, self.dev.data.labels, predictions(self.task, outputs),
-                                  [e.split for e in self.dev.examples], n)
+            result = score_splits(self.task, self.dev.data.labels, predictions(self.task, dev.outputs),
+                                  [e.split for e in self.dev.examples], n, dev.logits)
             if held is not None:
-                result[HELDOUT] = score(self.task, self.heldout.data.labels, predictions(self.task, held), n)
-            result["outputs"] = outputs
+                result[HELDOUT] = score(self.task, self.heldout.data.labels, predictions(self.task, held.outputs), n,
+                                        held.logits)
+            result["outputs"] = dev.outputs
         return result
 
     def evaluate_and_select(self) -> bool:
@@ -574,6 +579,7 @@ class Recipe:
         p = self.state.progress
         info = {"selected": reason, "optimizer_step": p.optimizer_step, "epoch": p.epoch, "task": self.task.name,
                 "metric": f"{self.selection_split}/{self.task.main_metric}",
-                "value": p.best_value if reason != "final" else None, "run_dir": str(self.run_dir.path.resolve())}
+                "value": p.best_value if reason != "final" else None, "run_dir": str(self.run_dir.path.resolve()),
+                **summary.exported_evaluation(self.run_dir.path, p.optimizer_step, self.selection_split)}
         return export_model(self.accelerator, self.model, self.tokenizer, self.run_dir.path, info,
                             self.cfg.distributed.zero_stage)

@@ -32,6 +32,37 @@ class Target:
         path = self.model_dir / "training_info.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def logged_evaluation(self) -> dict[str, Any] | None:
+        """The run's own evaluation of the weights in model/ (the step in training_info.json, else
+        the last one), split -> record; None for a bare model folder."""
+        if self.run_dir is None or not (self.run_dir / "metrics.jsonl").is_file():
+            return None
+        from distributed_tune import records
+
+        evals = records.evaluations(records.read(self.run_dir / "metrics.jsonl"))
+        if not evals:
+            return None
+        info = self.training_info or {}
+        step = info.get("optimizer_step", evals[-1]["optimizer_step"])
+        at_step = [r for r in evals if r["optimizer_step"] == step] or evals
+        return {r["split"]: r for r in at_step}
+
+    def collapse_warning(self) -> str | None:
+        """A warning when the run found these weights collapsed (one class predicted on the selection
+        split at their step), else None. Read from training_info.json, which travels with the folder;
+        an export older than its `collapsed` field is looked up in the run's metrics.jsonl."""
+        info = self.training_info or {}
+        task = self.cfg.task_spec
+        split = info["metric"].split("/")[0] if "metric" in info else task.selection_split
+        evaluation = info.get("evaluation") if "collapsed" in info else self.logged_evaluation()
+        record = (evaluation or {}).get(split, {})
+        if not info.get("collapsed", record.get("collapsed")):
+            return None
+        what = "value" if task.regression else "class"
+        return (f"warning: {self.model_dir} is collapsed: at optimizer step {info.get('optimizer_step', '?')} it "
+                f"predicted a single {what} on {split} ({task.main_metric} {record.get(task.main_metric, 0.0):.4f}); "
+                "its labels carry no information: train it again (another train.lr or seed)")
+
 
 def resolve_target(path: str, overrides: list[str]) -> Target:
     """A run directory (RUN/model + RUN/config.yaml) or a save_pretrained folder (config.json)."""

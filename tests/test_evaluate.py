@@ -85,7 +85,7 @@ def test_evaluate_reproduces_the_runs_own_dev_evaluation(run: Path, capsys) -> N
     result = json.loads((run / "eval" / "metrics.json").read_text())
     assert list(result["splits"]) == ["in_domain_dev", "out_of_domain_dev", "dev"]
     for split, m in result["splits"].items():
-        for key in ("n", "mcc", "accuracy", "confusion_matrix", "collapsed"):
+        for key in ("n", "mcc", "accuracy", "confusion_matrix", "collapsed", "eval_loss"):
             assert m[key] == logged[split][key], (split, key)
     assert [result["splits"][s]["n"] for s in result["splits"]] == [N_IN, N_OUT, N_IN + N_OUT]
     # Same model, same batches, same process count: the very same rows as the run's own file.

@@ -14,6 +14,7 @@ line. Install, test and CI lines are checked against .ci/run, which runs them.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -114,6 +115,11 @@ def run_readme_command(command: str, env: Env, cwd: Path) -> str:
         ok(run([*argv[:2], "--data", str(env.cola), "--model", str(env.model), "--cache", str(env.cache),
                 "--quick", "--quick-steps", "2", "--seeds", "42", "--setups", "ours", *argv[2:][2:]], cwd), command)
         return "test data and model, --quick 2 steps, ours only"
+    if argv[3:4] == ["push"]:
+        proc = run(argv, cwd)  # HF_HUB_OFFLINE=1 (subprocess_env): there is no hub here
+        assert proc.returncode == 2 and proc.stderr.startswith("error: push needs the Hugging Face Hub") and \
+            len(proc.stderr.splitlines()) == 1, proc.stderr[-2000:]
+        return "refuses without network, in one line"
     # distributed_tune commands
     if "--gpus 8" in command or ("submit" in argv and "--dry-run" not in argv):
         argv.append("--dry-run")  # a GPU machine's launch, or a real cluster's submission
@@ -183,6 +189,10 @@ def test_every_readme_command_runs(env: Env) -> None:
     print("\n".join(f"{how:60s} {cmd}" for cmd, how in done))
     # What the commands left is what the README says they leave.
     assert (cwd / "runs" / "cola_bert_base" / "eval" / "metrics.json").is_file()
+    assert json.loads((cwd / "runs" / "cola_bert_base" / "results.json").read_text())["status"] == "finished"
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(cwd / "runs" / "cola_bert_base" / "model" / "README.md").data.eval_results
     assert (cwd / "runs" / "cola_bert_base" / "eval" / "mine" / "metrics.json").is_file()
     assert len(read_jsonl(cwd / "predictions.jsonl")) == 2
     assert {p.name for p in (cwd / "submission").iterdir()} == {"MNLI-m.tsv", "MNLI-mm.tsv"}

@@ -93,39 +93,24 @@ def score_examples(target: Target, examples: list[Any], label_names: tuple[str, 
     with accelerator.main_process_first():  # the others read the tokenized cache it writes
         data = tokenize(examples, tokenizer, target.cfg.data.max_length, cache, task.regression)
     # The run's own padding, so that evaluate repeats the training loop's arithmetic.
-    outputs = predict_distributed(accelerator, model, data, batch_size, pad_multiple(target.cfg), task.regression)
+    predicted = predict_distributed(accelerator, model, data, batch_size, pad_multiple(target.cfg), task.regression)
+    outputs, logits = predicted.outputs, predicted.logits
     preds = predictions(task, outputs)
     splits = [e.split for e in examples]
     n = len(label_names) or 1
     if tsv:
-        metrics = {s: score(task, data.labels[np.asarray(splits) == s], preds[np.asarray(splits) == s], n)
-                   for s in dict.fromkeys(splits)}
+        masks = {s: np.asarray(splits) == s for s in dict.fromkeys(splits)}
+        metrics = {s: score(task, data.labels[m], preds[m], n, logits[m]) for s, m in masks.items()}
         if len(metrics) > 1:
-            metrics[COMBINED_TSV] = score(task, data.labels, preds, n)
+            metrics[COMBINED_TSV] = score(task, data.labels, preds, n, logits)
     else:
-        metrics = score_splits(task, data.labels, preds, splits, n)
+        metrics = score_splits(task, data.labels, preds, splits, n, logits)
     by_source = {}
     if any(e.source for e in examples) and not task.regression:
         for split in dict.fromkeys(splits):
             rows = [i for i, s in enumerate(splits) if s == split]
             by_source[split] = metrics_by_source(data.labels[rows], preds[rows], [examples[i].source for i in rows])
     return {"splits": metrics, "by_source": by_source}, outputs
-
-
-def run_logged_eval(target: Target) -> dict[str, Any] | None:
-    """The run's own evaluation of the weights in model/ (the step in training_info.json, else
-    the last one), split -> record; None for a bare model folder."""
-    if target.run_dir is None or not (target.run_dir / "metrics.jsonl").is_file():
-        return None
-    from distributed_tune import records
-
-    evals = records.evaluations(records.read(target.run_dir / "metrics.jsonl"))
-    if not evals:
-        return None
-    info = target.training_info or {}
-    step = info.get("optimizer_step", evals[-1]["optimizer_step"])
-    at_step = [r for r in evals if r["optimizer_step"] == step] or evals
-    return {r["split"]: r for r in at_step}
 
 
 def write_outputs(out: Path, result: dict[str, Any], target: Target, label_names: tuple[str, ...],
@@ -152,7 +137,8 @@ def print_result(result: dict[str, Any], out: Path, target: Target) -> None:
     task = target.cfg.task_spec
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"{result['model']} on {result['data']} ({task.name})")
-    metric_cols = list(task.metrics) + ([] if task.regression else ["accuracy"] * ("accuracy" not in task.metrics))
+    metric_cols = list(task.metrics) + ([] if task.regression else ["accuracy"] * ("accuracy" not in task.metrics)
+                                        + ["eval_loss"])  # regression: eval_loss is the mse column
     cols = ["split", "n", *metric_cols] + (["confusion [[TN, FP], [FN, TP]]" if len(result["labels"]) == 2
                                               else "confusion (rows: gold)", "collapsed"] if not task.regression
                                              else ["mse", "collapsed"])
@@ -213,7 +199,7 @@ def run(argv: list[str]) -> int:
             "model": str(target.model_dir), "run_dir": str(target.run_dir) if target.run_dir else None,
             "task": target.cfg.task, "labels": list(label_names), "training_info": target.training_info,
             "data": described, "tsv": bool(args.tsv), "world_size": accelerator.num_processes,
-            "batch_size": args.batch_size, **result, "run_logged": run_logged_eval(target),
+            "batch_size": args.batch_size, **result, "run_logged": target.logged_evaluation(),
         }
         write_outputs(out, result, target, label_names, examples, outputs)
         print_result(result, out, target)

@@ -10,7 +10,8 @@ one trained under ZeRO-3 (the exported folder holds the gathered weights). Sente
 the arguments, else --file (one per line, blank lines skipped), else stdin; for a sentence-pair
 task a TAB separates the two texts of a line. Runs batched, on the GPU if there is one, else on
 the CPU. Prints `label<TAB>probability of that label<TAB>text` per line (a score for regression),
-or writes JSON lines to --out.
+or writes JSON lines to --out. A model its run found collapsed (one class predicted at its step,
+said by its training_info.json) gets one warning on stderr.
 
 --glue-submission DIR predicts the task's unlabeled test split(s) (GLUE's test.tsv files, or the
 hub copy's test splits; task=custom: data.test_file) and writes the files the GLUE server takes:
@@ -83,6 +84,9 @@ class Predictor:
         from distributed_tune.evaluation import SingleProcess
 
         self.target, self.process = target, SingleProcess()
+        warning = target.collapse_warning()
+        if warning:  # on stderr: the predictions on stdout stay parseable
+            print(warning, file=sys.stderr)
         self.names = label_names(target)
         self.model, self.tokenizer = load_trained(target, self.names)
         self.model.to(self.process.device)
@@ -94,7 +98,7 @@ class Predictor:
 
         cfg, task = self.target.cfg, self.target.cfg.task_spec
         data = tokenize(examples, self.tokenizer, cfg.data.max_length, None, task.regression)
-        return predict_distributed(self.process, self.model, data, batch_size, pad_multiple(cfg), task.regression)
+        return predict_distributed(self.process, self.model, data, batch_size, pad_multiple(cfg), task.regression).outputs
 
 
 def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:

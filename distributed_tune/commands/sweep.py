@@ -19,7 +19,8 @@ gives, per setting, the selected (best evaluation) and the final value of the ta
 (CoLA: dev MCC) over seeds: mean ± sample std, median, min/max and collapsed runs. The selected
 value is chosen on the data it is reported on (optimistic); the winning setting is chosen by the
 median of an honest value: the final one, or, with data.heldout_fraction, the dev value at the
-step selected on the held-out slice of train.
+step selected on the held-out slice of train. A setting whose every run collapsed is no candidate,
+and a tie names no winner: the summary then says `no winner:` and why.
 """
 
 from __future__ import annotations

@@ -71,11 +71,26 @@ class Task:
         return self.metrics[0]
 
     def read(self, cfg: DataConfig) -> TaskData:
-        """Load and validate this task's data from `cfg.source` (files, URL, hub)."""
-        return self.load(self, cfg)
+        """Load and validate this task's data from `cfg.source` (files, URL, hub). Data without an
+        example of the selection split is refused: nothing could select the best model on it."""
+        data = self.load(self, cfg)
+        selection = data.eval if self.selection_split == self.combined_split else \
+            [e for e in data.eval if e.split == self.selection_split]
+        if not selection:
+            where = cfg.source or cfg.validation_file or self.default_source
+            raise DataError(f"data.source={where}: no {self.selection_split} examples (an empty or header-only "
+                            f"evaluation file?); {self.name} scores and selects the best model on "
+                            f"{self.selection_split}: add its rows")
+        return data
 
     def reported_splits(self) -> tuple[str, ...]:
         return self.eval_splits + ((self.combined_split,) if self.combined_split else ())
+
+    def absent_splits(self, data: TaskData) -> tuple[str, ...]:
+        """Evaluation splits without a single example in `data` (a GLUE-layout CoLA dev.tsv with
+        in-domain rows only): they are not evaluated. Never the selection split (`read` refuses that)."""
+        counts = data.counts()
+        return tuple(s for s in self.eval_splits if not counts.get(s))
 
 
 # --------------------------------------------------------------------------- reading helpers
