@@ -150,6 +150,7 @@ class LoopState:
     first_bad: torch.Tensor  # on the device: the first optimizer step with a non-finite loss (NO_BAD_STEP: none)
     last_eval_step: int = -1
     last_outputs: np.ndarray | None = None  # the last evaluation's outputs: the final model's predictions
+    evaluation_due: bool = False  # resumed from a stop that came before this step's evaluation
 
 
 @dataclass(frozen=True)
@@ -299,10 +300,11 @@ class Recipe:
         report.start_clock(self.warm_up())
         outcome = Outcome.DONE
         with signals.stoppable():
-            while p.optimizer_step < d.total_steps and p.epoch < d.epochs:
+            if self.state.evaluation_due and self.evaluate_and_select():
+                outcome = Outcome.EARLY_STOP  # the evaluation the stop put off ended the run
+            while outcome in (Outcome.DONE, Outcome.EPOCH_END) and p.optimizer_step < d.total_steps \
+                    and p.epoch < d.epochs:
                 outcome = self.train_epoch()
-                if outcome is not Outcome.EPOCH_END:
-                    break
             if outcome is Outcome.EPOCH_END:
                 outcome = Outcome.DONE
             report.summary(p)
@@ -384,7 +386,9 @@ class Recipe:
             early_stop = self.evaluate_and_select()
         if b.save or stopping or early_stop:
             with self.report.paused():
-                self.save_checkpoint()
+                # A stop skips this step's evaluation (it saves at once); the checkpoint says it is
+                # due, and the resumed run evaluates first: the same evaluations as without the stop.
+                self.save_checkpoint(evaluation_due=stopping and b.evaluate)
         return b.outcome(stopping, early_stop)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -545,9 +549,10 @@ class Recipe:
             "scheduler": self.scheduler.state_dict(),
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, evaluation_due: bool = False) -> Path:
         return checkpoint.save(self.accelerator, self.run_dir.path, self.state.progress.optimizer_step,
-                               self.trainer_state(), self.cfg.train.keep_checkpoints)
+                               {**self.trainer_state(), "evaluation_due": evaluation_due},
+                               self.cfg.train.keep_checkpoints)
 
     def resume(self) -> None:
         ckpt = checkpoint.latest_good(self.run_dir.path, warn=self.report.say)
@@ -566,6 +571,7 @@ class Recipe:
             log.truncate_after(state["optimizer_step"])
         self.scheduler.load_state_dict(state["scheduler"])
         p = self.state.progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
+        self.state.evaluation_due = state.get("evaluation_due", False)
         self.report.say(f"resumed from {ckpt} (epoch {p.epoch}, optimizer step {p.optimizer_step})")
         if extension is not None:
             continue_schedule(self.scheduler, p.optimizer_step)

@@ -108,6 +108,25 @@ def test_a_stop_signal_saves_at_the_next_check_and_the_resume_is_exact(in_proces
     assert in_process(stopped, *common, "resume=true")["outcome"] == "already_finished"
 
 
+def test_a_stop_at_an_evaluation_step_evaluates_first_on_resume(in_process, tmp_path: Path) -> None:
+    """A stop saves at once, before the step's evaluation; the resumed run evaluates that step first:
+    the same evaluations (steps, values) as a run that was never stopped."""
+    common = ("train.max_steps=20", "train.eval_every=10")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    in_process(whole, *common)
+    signals.request(signal.SIGTERM)
+    assert in_process(stopped, *common)["optimizer_step"] == 10
+    assert evals(stopped) == []
+    signals.reset()
+    in_process(stopped, *common, "resume=true")
+
+    def shown(run: Path) -> list[tuple]:
+        return [(r["optimizer_step"], r["split"], r["mcc"], r["eval_loss"]) for r in evals(run)]
+
+    assert shown(stopped) == shown(whole) and {r[0] for r in shown(whole)} == {10, 20}
+    assert train_losses(stopped) == train_losses(whole)
+
+
 def test_max_steps_and_epoch_ends_decide_evaluations_and_checkpoints(in_process, tmp_path: Path) -> None:
     """16 sentences a step over 8551: 534 steps an epoch; max_steps ends the run after 6, with one
     evaluation at the end only (eval_every=0), and the last step is saved (checkpoint_every=0)."""
