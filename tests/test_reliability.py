@@ -84,7 +84,7 @@ def test_a_model_folder_without_its_tokenizer_is_refused(tiny_model: Path, cola_
 @pytest.mark.parametrize("change, line", [
     (["train.lr=5e-3"], "train.lr: 0.001 in the checkpoint, 0.005 now"),
     (["seed=7"], "seed: 42 in the checkpoint, 7 now"),
-    (["train.max_steps=12"], "train.max_steps: 8 in the checkpoint, 12 now"),
+    (["train.class_weights=auto"], "train.class_weights: none in the checkpoint, auto now"),
     (["data.max_length=64"], "data.max_length: 128 in the checkpoint, 64 now"),
     (["train.lr=5e-3", "train.warmup_steps=3"],
      "train.lr: 0.001 in the checkpoint, 0.005 now; train.warmup_steps: null in the checkpoint, 3 now"),
@@ -100,6 +100,21 @@ def test_resume_refuses_a_changed_recipe(finished: Path, tiny_model: Path, cola_
     ckpt = run / "checkpoints" / "step_00000004"
     assert last_line(proc) == (f"error: {ckpt} cannot be resumed with a changed recipe ({line}); resume with the run's "
                                "own settings (its config.yaml), or start a new run in another output_dir")
+    assert snapshot(run, LOCK) == before
+
+
+def test_resume_refuses_a_shorter_run(finished: Path, tiny_model: Path, cola_dir: Path, cache_dir: Path,
+                                      tmp_path: Path) -> None:
+    """train.max_steps may grow on resume (an extension), never shrink: refused, nothing touched."""
+    run = interrupted_copy(finished, tmp_path / "run")
+    before = snapshot(run, LOCK)
+    proc = run_cli(["--resume", *args_for(tiny_model, cola_dir, cache_dir, run), "train.max_steps=6"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    ckpt = run / "checkpoints" / "step_00000004"
+    assert last_line(proc) == (
+        f"error: {ckpt} cannot be resumed with a shorter run (train.max_steps: 8 in the checkpoint, 6 now: 8 -> 6 "
+        "optimizer steps); a resume may make a run longer, never shorter: resume with the run's own length, or start "
+        "a new run in another output_dir")
     assert snapshot(run, LOCK) == before
 
 

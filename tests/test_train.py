@@ -64,7 +64,7 @@ def test_single_process_run(tmp_path: Path, base_args: list[str]) -> None:
     proc = run_cli([*base_args, f"output_dir={run}"], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: output_dir={run} already holds a run (metrics.jsonl, model, predictions.jsonl); "
+        f"error: output_dir={run} already holds a run (metrics.jsonl, checkpoints, model, predictions.jsonl); "
         "pass --resume to continue it, --overwrite to replace it, or choose another output_dir")
     assert (run / "metrics.jsonl").read_bytes() == before
 
