@@ -20,7 +20,6 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,48 +28,14 @@ import yaml
 
 from distributed_tune.errors import ConfigError
 from distributed_tune.files import atomic_write_text, not_utf8
+from distributed_tune.keys import AT_LEAST_1, OFF_OR_POSITIVE, Check, Resume, key
 from distributed_tune.tasks import NAMES as TASK_NAMES
+from distributed_tune.tasks import SECTIONS as TASK_SECTIONS
 from distributed_tune.tasks import Task, get_task
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
-# --------------------------------------------------------------------------- per-key rules
-#
-# Every leaf key is declared with `key(default, resume=..., ...)`: its rules live on the field.
-#   resume   "fixed": part of what is trained (data, model, recipe, arithmetic); a resume that
-#            changes it is refused. "grow": the run's length (train.epochs, train.max_steps); a
-#            resume may make the run longer, never shorter: the extension is recorded, and the
-#            learning rate follows the longer run's schedule from the resumed step on (as the HF
-#            Trainer does). "free": how the run is watched, stored or laid out (logging,
-#            evaluation and checkpoint frequency, paths, micro batch / accumulation, offload);
-#            a resume may change it and trains the same steps.
-#   check    a bound on the value alone (floats must also be finite); combinations of keys are
-#            checked in `validate`.
-#   trainer  the names users bring from the HF Trainer / run_glue.py, for the unknown-key error:
-#            a name, or {name: what to say}.
-#   accelerate  the accelerate setting (`accelerate launch` flag / config file) that supplies the
-#            value when our config leaves it unset (distributed.accelerate_settings reads them).
-
-Resume = Literal["fixed", "grow", "free"]
-
-
-@dataclass(frozen=True)
-class Check:
-    """A bound on one value: `ok(value)`, else the error reads f"{key}={value} {says}"."""
-
-    ok: Callable[[Any], bool]
-    says: str
-
-
-AT_LEAST_1 = Check(lambda v: v >= 1, "must be at least 1")
-OFF_OR_POSITIVE = Check(lambda v: v >= 0, "must be 0 (off) or positive")
-
-
-def key(default: Any, *, resume: Resume, check: Check | None = None, trainer: str | dict[str, str] | None = None,
-        accelerate: str | None = None) -> Any:
-    """A config key with its rules (see above) in the dataclass field's metadata."""
-    return field(default=default, metadata={"resume": resume, "check": check, "trainer": trainer,
-                                            "accelerate": accelerate})
+# Per-key rules: see keys.py (resume, check, trainer, accelerate, formerly).
 
 
 @dataclass(frozen=True)
@@ -90,19 +55,6 @@ class DataConfig:
     source: str | None = key(None, resume="fixed", trainer={"dataset_name": "task / data.source"})
     """Where the task's data comes from: a local folder, a URL (CoLA's official zip), `hub`, or a
     `datasets` save_to_disk folder; null: the task's default (CoLA: the official URL; GLUE: hub)."""
-    train_file: str | None = key(None, resume="fixed")
-    """task=custom: the training file (.csv, .tsv or .jsonl)."""
-    validation_file: str | None = key(None, resume="fixed")
-    """task=custom: the evaluation file, same format."""
-    test_file: str | None = key(None, resume="free")
-    """task=custom: an optional test file (labels may be left out) that `predict --glue-submission
-    DIR` labels into DIR/predictions.tsv."""
-    text_fields: tuple[str, ...] | None = key(None, resume="fixed")
-    """task=custom: the text column, or two columns for sentence pairs."""
-    label_field: str = key("label", resume="fixed", trainer="label_column_name")
-    """task=custom: the label column (strings or integers; a number with data.regression)."""
-    regression: bool = key(False, resume="fixed")
-    """task=custom: the label is a number to predict (MSE loss; Pearson/Spearman), not a class."""
     cache_dir: str = key("~/.cache/distributed_tune", resume="free")
     """Where downloads and the tokenized dataset are cached."""
     max_length: int = key(128, resume="fixed", check=AT_LEAST_1, trainer=("max_seq_length", "max_length"))
@@ -211,12 +163,12 @@ class Fp16Config:
 
 
 @dataclass(frozen=True)
-class Config:
+class BaseConfig:
     seed: int = key(42, resume="fixed")
     """Seeds the model head, the data order (seed, epoch) and dropout (seed, step, micro-batch)."""
     task: str = key("cola", resume="fixed", trainer="task_name")
     """cola, a GLUE task as `datasets` names it (sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), or
-    custom (your own files: data.train_file, data.validation_file, data.text_fields)."""
+    custom (your own files: custom.train_file, custom.validation_file, custom.text_fields)."""
     output_dir: str = key("runs/cola", resume="free")
     """The run directory: config, metrics.jsonl, predictions, checkpoints, final model."""
     precision: Literal["fp32", "bf16", "fp16"] = key("fp32", resume="fixed", accelerate="mixed_precision",
@@ -238,7 +190,20 @@ class Config:
 
     @property
     def task_spec(self) -> Task:
-        return get_task(self.task, regression=self.data.regression)
+        """The task, configured by its own section (`custom:`) where it has one."""
+        return get_task(self.task).configured(getattr(self, self.task, None))
+
+
+def _with_task_sections(base: type) -> type:
+    """`base` plus one section per task that declares options (tasks.SECTIONS): the tasks own
+    their keys, and this module never names a task."""
+    sections = [(name, options, field(default_factory=options)) for name, options in TASK_SECTIONS.items()]
+    return dataclasses.make_dataclass("Config", sections, bases=(base,), frozen=True,
+                                      namespace={"__doc__": "The whole config: the package's sections and the tasks'.",
+                                                 "__module__": __name__})
+
+
+Config = _with_task_sections(BaseConfig)
 
 
 @dataclass(frozen=True)
@@ -252,6 +217,7 @@ class KeyInfo:
     check: Check | None
     trainer: dict[str, str]  # HF Trainer name -> what to say
     accelerate: str | None
+    formerly: str | None
 
 
 def _key_infos(cls: type, prefix: str = "") -> dict[str, KeyInfo]:
@@ -270,7 +236,7 @@ def _key_infos(cls: type, prefix: str = "") -> dict[str, KeyInfo]:
             trainer = (trainer,)
         if isinstance(trainer, tuple):
             trainer = dict.fromkeys(trainer, name)
-        out[name] = KeyInfo(name, tp, f.default, m["resume"], m["check"], trainer, m["accelerate"])
+        out[name] = KeyInfo(name, tp, f.default, m["resume"], m["check"], trainer, m["accelerate"], m["formerly"])
     return out
 
 
@@ -282,6 +248,8 @@ TRAJECTORY_KEYS = tuple(k for k, info in KEYS.items() if info.resume in ("fixed"
 LENGTH_KEYS = tuple(k for k, info in KEYS.items() if info.resume == "grow")
 # Names users bring from the HF Trainer / run_glue.py -> ours (for the unknown-key error).
 TRAINER_NAMES = {alias: say for info in KEYS.values() for alias, say in info.trainer.items()}
+# Names of earlier releases -> the key now (data.train_file -> custom.train_file).
+FORMER_NAMES = {info.formerly: name for name, info in KEYS.items() if info.formerly}
 
 
 # Written by the run into config.yaml for the record; read back, it is recomputed, not trusted.
@@ -471,18 +439,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in hints:
+    for leaf, value in data.items():
+        full = f"{prefix}{leaf}"
+        if leaf not in hints:
             valid = [f"{prefix}{n}" for n in names]
             raise ConfigError(f"{where}: unknown key '{full}'{_suggest(full, valid + list(KEYS))}")
-        tp = hints[key]
+        tp = hints[leaf]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{full}.", where)
-        elif key == "report_to" and value in ("none", None):
-            kwargs[key] = ()
+            kwargs[leaf] = _build(tp, value, f"{full}.", where)
+        elif leaf == "report_to" and value in ("none", None):
+            kwargs[leaf] = ()
         else:
-            kwargs[key] = _coerce(value, tp, full, where)
+            kwargs[leaf] = _coerce(value, tp, full, where)
     return cls(**kwargs)
 
 
@@ -497,6 +465,22 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _renamed(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with keys of earlier releases under their names now (FORMER_NAMES): a run directory's
+    config.yaml written before a key moved stays loadable, and means what it meant."""
+    out = dict(tree)
+    for old, new in FORMER_NAMES.items():
+        section, _, leaf = old.rpartition(".")
+        node = out.get(section) if section else out
+        if isinstance(node, dict) and leaf in node:
+            node = out[section] = dict(node) if section else node
+            value = node.pop(leaf)
+            if section and not node:
+                del out[section]
+            _set_dotted(out, new, value)
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`['train.lr=3e-5', 'model.name=/m']` -> nested dict; values are read as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -505,6 +489,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=4)")
         key, raw = item.split("=", 1)
+        key = FORMER_NAMES.get(key, key)
         if key not in valid:
             raise ConfigError(f"override: unknown key '{key}'{_suggest(key, valid)}")
         try:
@@ -555,7 +540,7 @@ def load_config_and_keys(path: str | Path | None = None,
                          overrides: list[str] | None = None) -> tuple[Config, frozenset[str]]:
     """`load_config`, and the dotted keys the file and the overrides set (the others are defaults,
     which accelerate's own settings may replace)."""
-    data = read_yaml(path) if path is not None else {}
+    data = _renamed(read_yaml(path)) if path is not None else {}
     where = str(path) if path is not None else "config"
     cfg = _build(Config, data, "", where)
     over = parse_overrides(overrides or [])
@@ -618,23 +603,15 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_task_data(cfg: Config) -> None:
-    data = cfg.data
-    own_files = {"data.train_file": data.train_file, "data.validation_file": data.validation_file,
-                 "data.test_file": data.test_file, "data.text_fields": data.text_fields}
-    if cfg.task != "custom":
-        used = [k for k, v in own_files.items() if v is not None]
-        if used or data.regression:
-            raise ConfigError(f"{(used or ['data.regression'])[0]} is for task=custom (your own files); "
-                              f"task={cfg.task} reads data.source")
-        return
-    missing = [k for k in ("data.train_file", "data.validation_file", "data.text_fields") if own_files[k] is None]
-    if missing:
-        raise ConfigError(f"task=custom needs {', '.join(missing)} (e.g. data.train_file=train.csv "
-                          "data.validation_file=dev.csv data.text_fields=[sentence])")
-    if not 1 <= len(data.text_fields or ()) <= 2:
-        raise ConfigError(f"data.text_fields={list(data.text_fields or ())} must name one or two columns")
-    if data.source is not None:
-        raise ConfigError("task=custom reads data.train_file / data.validation_file; leave data.source unset")
+    """A task section is for its task only; the configured task checks its own section."""
+    for name in TASK_SECTIONS:
+        if name == cfg.task:
+            continue
+        section = getattr(cfg, name)
+        changed = [f.name for f in dataclasses.fields(section) if getattr(section, f.name) != f.default]
+        if changed:
+            raise ConfigError(f"{name}.{changed[0]} is for task={name}; task={cfg.task} reads data.source")
+    cfg.task_spec.check(cfg.data)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -697,6 +674,11 @@ def help_text() -> str:
     docs: dict[str, str] = {}
 
     def read_docs(cls: type, prefix: str) -> None:
+        if cls is Config:  # made by _with_task_sections: the docs are in its base and sections
+            read_docs(BaseConfig, prefix)
+            for name, options in TASK_SECTIONS.items():
+                read_docs(options, f"{prefix}{name}.")
+            return
         body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
@@ -716,6 +698,8 @@ def help_text() -> str:
         aliases = [a for a, say in info.trainer.items() if say == name]
         if aliases:
             notes.append(f"HF Trainer: {', '.join(aliases)}")
+        if info.formerly:
+            notes.append(f"formerly {info.formerly}")
         lines.append(f"  {name} ({_type_name(info.type)}, {'; '.join(notes)})")
         if name in docs:
             lines.append(f"      {docs[name]}")

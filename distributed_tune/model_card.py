@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from distributed_tune import records
+from distributed_tune.config import load_config
 from distributed_tune.files import atomic_write_text
 from distributed_tune.summary import evaluation_at
-from distributed_tune.tasks import get_task
+from distributed_tune.tasks import Task
 
 CARD = "README.md"
 # Our metric names -> the names the Hub (and `evaluate`) use.
 HUB_METRICS = {"mcc": "matthews_correlation", "accuracy": "accuracy", "f1": "f1", "pearson": "pearsonr",
                "spearman": "spearmanr", "eval_loss": "loss"}
-GLUE_DATASET = "nyu-mll/glue"
 EXAMPLE = {"cola": "The sailors rode the breeze clear of the rocks."}
 
 
@@ -38,18 +38,15 @@ def base_model(name: str) -> str | None:
     return name
 
 
-def card_data(config: dict[str, Any], info: dict[str, Any], evaluation: dict[str, dict[str, Any]],
+def card_data(config: dict[str, Any], task: Task, info: dict[str, Any], evaluation: dict[str, dict[str, Any]],
               model_name: str) -> Any:
     """The card's metadata: huggingface_hub's ModelCardData with one EvalResult per split and metric."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    task = get_task(config["task"])
     metrics = [*task.metrics, "eval_loss"]
-    if task.name == "custom":
-        dataset = {"dataset_type": "csv", "dataset_name": Path(config["data"]["validation_file"] or "custom").name}
-    else:
-        name = "CoLA" if task.name == "cola" else f"GLUE {task.name.upper()}"
-        dataset = {"dataset_type": GLUE_DATASET, "dataset_name": name, "dataset_config": task.name}
+    dataset = {"dataset_type": task.hub_dataset or "csv", "dataset_name": task.dataset_name or task.name}
+    if task.hub_dataset:
+        dataset["dataset_config"] = task.name
     results = [
         EvalResult(task_type="text-classification", task_name="Text Classification", **dataset, dataset_split=split,
                    metric_type=HUB_METRICS[m], metric_name=f"{split} {m}", metric_value=round(float(values[m]), 6))
@@ -57,7 +54,7 @@ def card_data(config: dict[str, Any], info: dict[str, Any], evaluation: dict[str
     ]
     return ModelCardData(
         base_model=base_model(config["model"]["name"]), library_name="transformers", pipeline_tag="text-classification",
-        datasets=[GLUE_DATASET] if task.name != "custom" else None, metrics=[HUB_METRICS[m] for m in metrics],
+        datasets=[task.hub_dataset] if task.hub_dataset else None, metrics=[HUB_METRICS[m] for m in metrics],
         tags=["distributed_tune", task.name, "text-classification"], model_name=model_name,
         eval_results=results or None,
     )
@@ -72,7 +69,7 @@ def render(run_dir: Path, info: dict[str, Any], model_name: str, load_as: str) -
     rows = records.read(run_dir / "metrics.jsonl")
     step = info["optimizer_step"]
     evaluation = info.get("evaluation") or evaluation_at(rows, step)
-    task = get_task(config["task"])
+    task = load_config(run_dir / "config.yaml").task_spec
     t, d, derived = config["train"], config["data"], config["derived"]
     main = task.main_metric
     selection = info["metric"].split("/")[0]
@@ -129,7 +126,7 @@ def render(run_dir: Path, info: dict[str, Any], model_name: str, load_as: str) -
     lines += [f"| {name} | `{sha}` |" for name, sha in fingerprint["sha256"].items()]
     lines += ["", "`config.yaml` of the run (next to this folder when it was exported) trains it again: "
               "`python -m distributed_tune --config config.yaml`.", ""]
-    return card_data(config, info, evaluation, model_name).to_yaml().join(["---\n", "\n---\n\n"]) + "\n".join(lines)
+    return card_data(config, task, info, evaluation, model_name).to_yaml().join(["---\n", "\n---\n\n"]) + "\n".join(lines)
 
 
 def write(model_dir: Path, run_dir: Path, repo_id: str | None = None) -> Path:

@@ -55,9 +55,14 @@ def test_defaults_yaml_and_overrides_merge(tmp_path: Path) -> None:
     ("", ["train.adam_eps=-1"], "train.adam_eps=-1.0 must be positive (e.g. 1e-8)"),
     ("", ["task=sst3"], "task='sst3' is not a task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, custom); "
      "did you mean 'sst2'?"),
-    ("", ["task=custom"], "task=custom needs data.train_file, data.validation_file, data.text_fields (e.g. "
-     "data.train_file=train.csv data.validation_file=dev.csv data.text_fields=[sentence])"),
-    ("", ["data.train_file=x.csv"], "data.train_file is for task=custom (your own files); task=cola reads data.source"),
+    ("", ["task=custom"], "task=custom needs custom.train_file, custom.validation_file, custom.text_fields (e.g. "
+     "custom.train_file=train.csv custom.validation_file=dev.csv custom.text_fields=[sentence])"),
+    ("", ["custom.train_file=x.csv"], "custom.train_file is for task=custom; task=cola reads data.source"),
+    ("custom:\n  regression: true\n", ["task=sst2"], "custom.regression is for task=custom; task=sst2 reads data.source"),
+    ("", ["task=custom", "custom.train_file=a.csv", "custom.validation_file=b.csv", "custom.text_fields=[a, b, c]"],
+     "custom.text_fields=['a', 'b', 'c'] must name one or two columns"),
+    ("", ["task=custom", "custom.train_file=a.csv", "custom.validation_file=b.csv", "custom.text_fields=[a]",
+          "data.source=/data"], "task=custom reads custom.train_file / custom.validation_file; leave data.source unset"),
     ("", ["report_to=[tensorbord]"], "report_to: 'tensorbord' is not a tracker; use none or a list of tensorboard, "
      "wandb, mlflow"),
     ("", ["distributed.offload_params=cpu", "distributed.zero_stage=2"],
@@ -224,8 +229,8 @@ def test_every_key_declares_its_rules_on_the_field() -> None:
     assert LENGTH_KEYS == ("train.epochs", "train.max_steps")
     assert set(TRAJECTORY_KEYS) == {
         "seed", "task", "precision", "model.name", "model.revision", "model.dropout", "data.source",
-        "data.train_file", "data.validation_file", "data.text_fields", "data.label_field", "data.regression",
-        "data.max_length", "data.pad_to_multiple_of", "data.length_grouping", "data.heldout_fraction",
+        "custom.train_file", "custom.validation_file", "custom.text_fields", "custom.label_field",
+        "custom.regression", "data.max_length", "data.pad_to_multiple_of", "data.length_grouping", "data.heldout_fraction",
         "train.epochs", "train.max_steps", "train.global_batch_size", "train.lr", "train.weight_decay",
         "train.adam_betas", "train.adam_eps", "train.class_weights", "train.warmup_ratio", "train.warmup_steps", "train.max_grad_norm",
         "distributed.zero_stage", "fp16.initial_scale_power", "fp16.loss_scale_window", "fp16.hysteresis",

@@ -151,10 +151,10 @@ def run_readme_command(command: str, env: Env, cwd: Path) -> str:
     extra = env.data() if "custom" in command else env.data(data)
     if "configs/custom_csv.yaml" in command:
         files = ("jsonl", "text", "rating") if "jsonl" in command else ("csv", "claim", "verdict")
-        extra += [f"data.train_file={env.custom[files[0] + '_train']}",
-                  f"data.validation_file={env.custom[files[0] + '_validation']}"]
-        extra += ["data.text_fields=[text]", "data.label_field=rating", "data.regression=true"] if files[0] == "jsonl" \
-            else ["data.text_fields=[claim, evidence]", "data.label_field=verdict"]
+        extra += [f"custom.train_file={env.custom[files[0] + '_train']}",
+                  f"custom.validation_file={env.custom[files[0] + '_validation']}"]
+        extra += ["custom.text_fields=[text]", "custom.label_field=rating", "custom.regression=true"] if files[0] == "jsonl" \
+            else ["custom.text_fields=[claim, evidence]", "custom.label_field=verdict"]
     ok(run([*argv, *extra], cwd), command)
     return "test model and data, 3 steps"
 

@@ -88,13 +88,13 @@ def data_args(name: str, root: Path) -> list[str]:
     files = {"custom_csv": ("csv", "[claim, evidence]", "verdict"), "custom_jsonl": ("jsonl", "[text]", "rating"),
              "custom_tsv": ("tsv", "[review]", "stars")}
     ext, fields, label = files[name]
-    args = ["task=custom", f"data.train_file={custom / f'train.{ext}'}",
-            f"data.validation_file={custom / f'validation.{ext}'}", f"data.text_fields={fields}",
-            f"data.label_field={label}"]
+    args = ["task=custom", f"custom.train_file={custom / f'train.{ext}'}",
+            f"custom.validation_file={custom / f'validation.{ext}'}", f"custom.text_fields={fields}",
+            f"custom.label_field={label}"]
     if name == "custom_csv":
-        args.append(f"data.test_file={custom / 'test.csv'}")
+        args.append(f"custom.test_file={custom / 'test.csv'}")
     if name == "custom_jsonl":
-        args.append("data.regression=true")
+        args.append("custom.regression=true")
     return args
 
 
@@ -537,9 +537,9 @@ BAD = {
     "custom columns": ("custom_csv", "train.csv", 5, lambda s: s + ",extra",
                        "5: 4 columns, the header has 3; fix or remove the line"),
     "custom label column": ("custom_tsv", "train.tsv", 1, lambda s: "review\tscore",
-                            "1: no label column 'stars' (columns: review, score); set data.label_field"),
+                            "1: no label column 'stars' (columns: review, score); set custom.label_field"),
     "custom JSON field": ("custom_jsonl", "validation.jsonl", 2, lambda s: s.replace('"text"', '"txt"'),
-                          "2: no field 'text' (has 'txt', 'rating', 'id'); set data.text_fields"),
+                          "2: no field 'text' (has 'txt', 'rating', 'id'); set custom.text_fields"),
     "custom regression": ("custom_jsonl", "train.jsonl", 8, lambda s: s.replace('"rating": ', '"rating": "x" ,"r": '),
                           "8: label 'x' is not a number"),
 }

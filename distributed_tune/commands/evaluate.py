@@ -54,11 +54,9 @@ def load_examples(target: Target, tsv: list[str]) -> tuple[list[Any], tuple[str,
     """(examples, label names, description of the data)."""
     task = target.cfg.task_spec
     if tsv:
-        from distributed_tune.tasks.cola import LABELS, read_tsv
-
-        if task.name != "cola":
-            raise ConfigError(f"--tsv reads CoLA-format files; for task={task.name} point data.source= (GLUE) or "
-                              "data.validation_file= (custom) at your file")
+        if task.read_file is None:
+            raise ConfigError(f"--tsv reads files in a task's own format, and task={task.name} has none; point "
+                              "data.source= (or the task's own section, e.g. custom.validation_file=) at your file")
         examples: list[Any] = []
         seen: dict[str, str] = {}
         for name in tsv:
@@ -69,11 +67,10 @@ def load_examples(target: Target, tsv: list[str]) -> tuple[list[Any], tuple[str,
                 raise DataError(f"--tsv {name}: split name '{path.stem}' is already used by {seen[path.stem]}; "
                                 "rename one of the files (the split is the file name without extension)")
             seen[path.stem] = name
-            examples += read_tsv(path, path.stem)
-        return examples, LABELS, ", ".join(tsv)
+            examples += task.read_file(path, path.stem)
+        return examples, task.label_names, ", ".join(tsv)
     data = task.read(target.cfg.data)
-    source = target.cfg.data.source or target.cfg.data.validation_file
-    return data.eval, data.label_names, str(source)
+    return data.eval, data.label_names, data.origin or str(target.cfg.data.source)
 
 
 def score_examples(target: Target, examples: list[Any], label_names: tuple[str, ...], tsv: bool,

@@ -14,7 +14,7 @@ or writes JSON lines to --out. A model its run found collapsed (one class predic
 said by its training_info.json) gets one warning on stderr.
 
 --glue-submission DIR predicts the task's unlabeled test split(s) (GLUE's test.tsv files, or the
-hub copy's test splits; task=custom: data.test_file) and writes the files the GLUE server takes:
+hub copy's test splits; task=custom: custom.test_file) and writes the files the GLUE server takes:
 `index<TAB>prediction` with GLUE's label names (CoLA.tsv, SST-2.tsv, MNLI-m.tsv, ...).
 """
 
@@ -104,7 +104,6 @@ class Predictor:
 def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
     """The task's test splits -> GLUE submission files."""
     from distributed_tune.files import atomic_write_text
-    from distributed_tune.tasks.glue import submission_value
 
     task = target.cfg.task_spec
     data = task.read(target.cfg.data)
@@ -117,9 +116,7 @@ def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
     predictor = Predictor(target)  # one model load for every test split (MNLI has two)
     for split, examples in data.test.items():
         preds = predictions(task, predictor(examples, batch_size))
-        # GLUE's spelling for GLUE tasks; a custom task's own label names (its labels are not GLUE's).
-        values = [predictor.names[int(p)] if task.name == "custom" and not task.regression
-                  else submission_value(task, p) for p in preds]
+        values = [task.submission_value(p, predictor.names) for p in preds]
         lines = ["index\tprediction"] + [f"{e.idx}\t{v}" for e, v in zip(examples, values)]
         path = out_dir / task.submission[split]
         atomic_write_text(path, "\n".join(lines) + "\n")
@@ -155,8 +152,7 @@ def run(argv: list[str]) -> int:
         return write_submission(target, Path(args.glue_submission).expanduser(), args.batch_size)
     task = target.cfg.task_spec
     lines = read_lines(args)
-    examples = to_examples(lines, max(1, len(task.text_fields)) if task.name != "custom"
-                           else len(target.cfg.data.text_fields or ("x",)))
+    examples = to_examples(lines, max(1, len(task.text_fields)))
     predictor = Predictor(target)
     outputs, names = predictor(examples, args.batch_size), predictor.names
     rows = []

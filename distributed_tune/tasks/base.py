@@ -4,7 +4,9 @@ A `Task` says where its data comes from (`load`), its text fields (one sentence 
 labels (names, or regression), its evaluation splits, its metrics and the metric that picks the
 best model. The loop, sharding, the exactly-once gather, checkpoints and every command speak to
 this seam only. Add a task: write a `Task(...)` with a loader in a module of this package and
-list it in `tasks/__init__.py`.
+list it in `tasks/__init__.py`: never config.py or commands/. A task with options of its own
+declares them as a dataclass of `keys.key` fields (`Task.options`): they become the config section
+named after the task (`custom.train_file`), with the same typo checks, resume rules and reference.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from distributed_tune.errors import DataError
 from distributed_tune.files import not_utf8
 
-if TYPE_CHECKING:  # config imports the task registry; tasks need its types only
-    from distributed_tune.config import DataConfig
-
 Label = int | float | None  # a class index, a regression target, or None (unlabeled test row)
+
+
+class DataSource(Protocol):
+    """What a loader reads of the config's `data:` section (config.DataConfig is one)."""
+
+    source: str | None
+    cache_dir: str
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class TaskData:
     test: dict[str, list[Example]]  # unlabeled test splits by name (GLUE submissions); may be empty
     label_names: tuple[str, ...]  # () for regression
     fingerprint: dict[str, str]  # file (or hub id) -> sha256, recorded in the run directory
+    origin: str = ""  # where the evaluation data was read from, for messages; "" means data.source
 
     def counts(self) -> dict[str, int]:
         out = {"train": len(self.train), "eval": len(self.eval)}
@@ -59,26 +66,55 @@ class Task:
     eval_splits: tuple[str, ...]  # evaluated (and reported) every evaluation
     metrics: tuple[str, ...]  # metric names (metrics.py), the first one selects the best model
     selection_split: str  # the split whose first metric picks the best model and drives early stopping
-    load: Callable[[Task, DataConfig], TaskData]  # use `read`
+    load: Callable[[Task, DataSource], TaskData]  # use `read`
     default_source: str | None = None  # data.source when the config leaves it null
     combined_split: str | None = None  # a split of all eval examples together (CoLA's `dev`)
     regression: bool = False  # one output trained with MSE (STS-B), not classes
     submission: dict[str, str] = field(default_factory=dict)  # test split -> GLUE submission file
     description: str = ""
+    hub_dataset: str | None = None  # the Hub dataset the task's data is (model cards); None: your own files
+    dataset_name: str = ""  # how a model card names the data (CoLA, GLUE SST2, your file)
+    # The task's own config section (a dataclass of keys.key fields), the section's values once
+    # configured, and how they shape the task (text fields, regression): see `configured`.
+    options: type | None = None
+    settings: Any = None
+    configure: Callable[[Task, Any], Task] | None = None
+    # Config-time checks of the task's section and data.source (ConfigError), before anything runs.
+    check_config: Callable[[Task, DataSource], None] | None = None
+    # Reads one evaluation file in the task's own format (`evaluate --tsv`), as split `split`.
+    read_file: Callable[[Path, str], list[Example]] | None = None
+    # A test prediction as the task's submission file spells it, given the model's label names
+    # (default: the label index; a score with 3 decimals).
+    spell: Callable[[Task, float | int, tuple[str, ...]], str] | None = None
 
     @property
     def main_metric(self) -> str:
         return self.metrics[0]
 
-    def read(self, cfg: DataConfig) -> TaskData:
+    def configured(self, settings: Any) -> Task:
+        """This task with its config section's values applied (the identity without a section)."""
+        if self.configure is None:
+            return self
+        return self.configure(self, settings)
+
+    def check(self, data: DataSource) -> None:
+        if self.check_config is not None:
+            self.check_config(self, data)
+
+    def submission_value(self, pred: float | int, names: tuple[str, ...]) -> str:
+        if self.spell is not None:
+            return self.spell(self, pred, names)
+        return f"{float(pred):.3f}" if self.regression else str(int(pred))
+
+    def read(self, cfg: DataSource) -> TaskData:
         """Load and validate this task's data from `cfg.source` (files, URL, hub). Data without an
         example of the selection split is refused: nothing could select the best model on it."""
         data = self.load(self, cfg)
         selection = data.eval if self.selection_split == self.combined_split else \
             [e for e in data.eval if e.split == self.selection_split]
         if not selection:
-            where = cfg.source or cfg.validation_file or self.default_source
-            raise DataError(f"data.source={where}: no {self.selection_split} examples (an empty or header-only "
+            where = data.origin or f"data.source={cfg.source or self.default_source}"
+            raise DataError(f"{where}: no {self.selection_split} examples (an empty or header-only "
                             f"evaluation file?); {self.name} scores and selects the best model on "
                             f"{self.selection_split}: add its rows")
         return data

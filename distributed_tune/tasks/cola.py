@@ -21,15 +21,11 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from distributed_tune.errors import DataError
 from distributed_tune.files import sha256_file
-from distributed_tune.tasks.base import Example, Task, TaskData, check_text, read_rows, require
-from distributed_tune.tasks.glue import is_datasets_folder, load_hub
-
-if TYPE_CHECKING:
-    from distributed_tune.config import DataConfig
+from distributed_tune.tasks.base import DataSource, Example, Task, TaskData, check_text, read_rows, require
+from distributed_tune.tasks.glue import HUB_DATASET, is_datasets_folder, load_hub
 
 OFFICIAL_URL = "https://nyu-mll.github.io/CoLA/cola_public_1.1.zip"
 OFFICIAL_SHA256 = "2cf856f46df11c143d38e0cf2f9f34ff2fdb088c521cd859f5c4b9581683278b"
@@ -121,7 +117,7 @@ def _glue_test(path: Path) -> list[Example]:
     return [Example((check_text(path, n, r[1]),), None, "test", "", int(r[0])) for n, r in rows]
 
 
-def load(task: Task, cfg: DataConfig) -> TaskData:
+def load(task: Task, cfg: DataSource) -> TaskData:
     source = cfg.source or OFFICIAL_URL
     if source.startswith(("http://", "https://")):
         raw = download_official(source, Path(cfg.cache_dir).expanduser())
@@ -171,5 +167,8 @@ TASK = Task(
     load=load,
     default_source=OFFICIAL_URL,
     submission={"test": "CoLA.tsv"},
+    read_file=read_tsv,
+    hub_dataset=HUB_DATASET,
+    dataset_name="CoLA",
     description="Corpus of Linguistic Acceptability (release 1.1 by default): Matthews correlation",
 )

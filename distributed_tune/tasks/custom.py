@@ -2,12 +2,12 @@
 `validation_file`), with the text column(s) and the label column named in the config.
 
     task: custom
-    data:
+    custom:                              # this task's own config section (CustomOptions)
       train_file: data/train.csv         # .csv, .tsv or .jsonl (.json: JSON Lines too)
       validation_file: data/dev.csv
       test_file: data/test.csv           # optional, unlabeled is fine (predict writes its predictions)
       text_fields: [premise, hypothesis] # one or two columns
-      label_field: label                 # strings or integers; data.regression=true: a number
+      label_field: label                 # strings or integers; custom.regression=true: a number
       regression: false
 
 Label names are the distinct training labels, sorted (strings as written, integers as their
@@ -17,13 +17,17 @@ split on tabs only. Every row is validated; an error names the file and the line
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from distributed_tune.errors import DataError
+from distributed_tune.errors import ConfigError, DataError
 from distributed_tune.files import sha256_file
+from distributed_tune.keys import key
 from distributed_tune.tasks.base import (
+    DataSource,
     Example,
     Label,
     Task,
@@ -35,8 +39,24 @@ from distributed_tune.tasks.base import (
     read_text,
 )
 
-if TYPE_CHECKING:
-    from distributed_tune.config import DataConfig
+
+@dataclass(frozen=True)
+class CustomOptions:
+    """The `custom:` section: your files and their columns."""
+
+    train_file: str | None = key(None, resume="fixed", formerly="data.train_file")
+    """The training file (.csv, .tsv or .jsonl)."""
+    validation_file: str | None = key(None, resume="fixed", formerly="data.validation_file")
+    """The evaluation file, same format."""
+    test_file: str | None = key(None, resume="free", formerly="data.test_file")
+    """An optional test file (labels may be left out) that `predict --glue-submission DIR` labels
+    into DIR/predictions.tsv."""
+    text_fields: tuple[str, ...] | None = key(None, resume="fixed", formerly="data.text_fields")
+    """The text column, or two columns for sentence pairs."""
+    label_field: str = key("label", resume="fixed", trainer="label_column_name", formerly="data.label_field")
+    """The label column (strings or integers; a number with custom.regression)."""
+    regression: bool = key(False, resume="fixed", formerly="data.regression")
+    """The label is a number to predict (MSE loss; Pearson/Spearman), not a class."""
 
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None}
 
@@ -62,7 +82,7 @@ def read_table(path: Path, fields: tuple[str, ...], label_field: str | None,
             missing = [f for f in fields if f not in row]
             if missing:
                 raise DataError(f"{path}:{lineno}: no field {', '.join(map(repr, missing))} "
-                                f"(has {', '.join(map(repr, row))}); set data.text_fields")
+                                f"(has {', '.join(map(repr, row))}); set custom.text_fields")
             texts = tuple(check_text(path, lineno, str(row[f])) for f in fields)
             out.append((lineno, texts, row.get(label_field) if label_field else None))
         if not out:
@@ -73,10 +93,10 @@ def read_table(path: Path, fields: tuple[str, ...], label_field: str | None,
     missing = [f for f in fields if f not in head]
     if missing:
         raise DataError(f"{path}:1: no column {', '.join(map(repr, missing))} (columns: {', '.join(head)}); "
-                        "set data.text_fields")
+                        "set custom.text_fields")
     if labeled and label_field not in head:  # said once, at the header, not as an empty label on line 2
         raise DataError(f"{path}:1: no label column {label_field!r} (columns: {', '.join(head)}); "
-                        "set data.label_field")
+                        "set custom.label_field")
     text_cols = [head.index(f) for f in fields]
     label_col = head.index(label_field) if label_field in head else None
     for lineno, row in rows:
@@ -91,7 +111,8 @@ def _label_key(raw: Any) -> str:
     return str(raw).strip() if not isinstance(raw, bool) else str(int(raw))
 
 
-def load(task: Task, cfg: DataConfig) -> TaskData:
+def load(task: Task, data: DataSource) -> TaskData:
+    cfg: CustomOptions = task.settings
     fields = tuple(cfg.text_fields or ())
     files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
     paths = {split: Path(f).expanduser() for split, f in files.items() if f}
@@ -111,7 +132,7 @@ def load(task: Task, cfg: DataConfig) -> TaskData:
                       key=lambda k: (0, int(k)) if k.lstrip("-").isdigit() else (1, k))
         if len(keys) < 2:
             raise DataError(f"{paths['train']}: every row has the label {keys[0]!r}; a classifier needs at least "
-                            "two classes (data.regression=true for numeric targets)")
+                            "two classes (custom.regression=true for numeric targets)")
         names = tuple(keys)
 
         def label(split: str, line: int, raw: Any) -> Label:
@@ -134,13 +155,38 @@ def load(task: Task, cfg: DataConfig) -> TaskData:
         test={"test": examples("test")} if "test" in tables else {},
         label_names=names,
         fingerprint={str(p): sha256_file(p) for p in paths.values()},
+        origin=str(paths["validation"]),
     )
 
 
-def custom_task(regression: bool) -> Task:
-    return Task(
-        name="custom", text_fields=(), label_names=(), eval_splits=("validation",),
-        metrics=("pearson", "spearman") if regression else ("accuracy", "f1", "mcc"),
-        selection_split="validation", load=load, regression=regression, submission={"test": "predictions.tsv"},
-        description="your own CSV / TSV / JSON Lines files (data.train_file, data.validation_file)",
-    )
+def configure(task: Task, options: CustomOptions) -> Task:
+    """The task shaped by its section: its text fields, and classes or a regression target."""
+    return dataclasses.replace(
+        task, settings=options, text_fields=tuple(options.text_fields or ()), regression=options.regression,
+        dataset_name=Path(options.validation_file or "custom").name,
+        metrics=("pearson", "spearman") if options.regression else ("accuracy", "f1", "mcc"))
+
+
+def check_config(task: Task, data: DataSource) -> None:
+    o: CustomOptions = task.settings
+    missing = [f"custom.{k}" for k in ("train_file", "validation_file", "text_fields") if getattr(o, k) is None]
+    if missing:
+        raise ConfigError(f"task=custom needs {', '.join(missing)} (e.g. custom.train_file=train.csv "
+                          "custom.validation_file=dev.csv custom.text_fields=[sentence])")
+    if not 1 <= len(o.text_fields or ()) <= 2:
+        raise ConfigError(f"custom.text_fields={list(o.text_fields or ())} must name one or two columns")
+    if data.source is not None:
+        raise ConfigError("task=custom reads custom.train_file / custom.validation_file; leave data.source unset")
+
+
+def spell(task: Task, pred: float | int, names: tuple[str, ...]) -> str:
+    """A class by the label it had in your files (the model's id2label); a score unclipped."""
+    return f"{float(pred):.3f}" if task.regression else names[int(pred)]
+
+
+TASK = configure(Task(
+    name="custom", text_fields=(), label_names=(), eval_splits=("validation",), metrics=(),
+    selection_split="validation", load=load, submission={"test": "predictions.tsv"},
+    description="your own CSV / TSV / JSON Lines files (custom.train_file, custom.validation_file)",
+    options=CustomOptions, configure=configure, check_config=check_config, spell=spell,
+), CustomOptions())

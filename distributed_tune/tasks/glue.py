@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from distributed_tune.errors import DataError
 from distributed_tune.files import sha256_file
 from distributed_tune.tasks.base import (
+    DataSource,
     Example,
     Label,
     Task,
@@ -32,9 +32,6 @@ from distributed_tune.tasks.base import (
     read_rows,
     records_from_hub,
 )
-
-if TYPE_CHECKING:
-    from distributed_tune.config import DataConfig
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -129,7 +126,7 @@ def load_tsv_folder(task: Task, folder: Path) -> TaskData:
     )
 
 
-def load_hub(task: Task, cfg: DataConfig) -> TaskData:
+def load_hub(task: Task, cfg: DataSource) -> TaskData:
     """`nyu-mll/glue` from the hub (data.source=hub) or a local `save_to_disk` folder."""
     name = task.name
     try:
@@ -175,7 +172,7 @@ def load_hub(task: Task, cfg: DataConfig) -> TaskData:
     )
 
 
-def load(task: Task, cfg: DataConfig) -> TaskData:
+def load(task: Task, cfg: DataSource) -> TaskData:
     source = cfg.source or "hub"
     path = Path(source).expanduser()
     if source == "hub" or is_datasets_folder(path):
@@ -186,17 +183,28 @@ def load(task: Task, cfg: DataConfig) -> TaskData:
     return load_tsv_folder(task, path)
 
 
+def spell(task: Task, pred: float | int, names: tuple[str, ...]) -> str:
+    """A prediction as GLUE's submission files spell it: a score (STS-B, clipped to 0..5), a label
+    name where GLUE's own files write names (MNLI, QNLI, RTE), else the label index."""
+    if task.regression:
+        return f"{min(5.0, max(0.0, float(pred))):.3f}"
+    layout = LAYOUTS.get(task.name)
+    return task.label_names[int(pred)] if layout is not None and layout.label_by_name else str(int(pred))
+
+
 def _pair(name: str, fields: tuple[str, str], labels: tuple[str, ...], metrics: tuple[str, ...], file: str,
           description: str, regression: bool = False) -> Task:
     return Task(name=name, text_fields=fields, label_names=labels, eval_splits=("validation",), metrics=metrics,
                 selection_split="validation", load=load, default_source="hub", regression=regression,
-                submission={"test": file}, description=description)
+                submission={"test": file}, description=description, spell=spell,
+                hub_dataset=HUB_DATASET, dataset_name=f"GLUE {name.upper()}")
 
 
 TASKS = {
     "sst2": Task(name="sst2", text_fields=("sentence",), label_names=("negative", "positive"),
                  eval_splits=("validation",), metrics=("accuracy",), selection_split="validation",
-                 load=load, default_source="hub", submission={"test": "SST-2.tsv"},
+                 load=load, default_source="hub", submission={"test": "SST-2.tsv"}, spell=spell,
+                 hub_dataset=HUB_DATASET, dataset_name="GLUE SST2",
                  description="Stanford Sentiment Treebank: positive or negative; accuracy"),
     "mrpc": _pair("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"),
                   "MRPC.tsv", "Microsoft Research Paraphrase Corpus: paraphrase or not; F1 and accuracy"),
@@ -208,7 +216,8 @@ TASKS = {
                  label_names=("entailment", "neutral", "contradiction"),
                  eval_splits=("validation_matched", "validation_mismatched"), metrics=("accuracy",),
                  selection_split="validation_matched", load=load, default_source="hub",
-                 submission={"test_matched": "MNLI-m.tsv", "test_mismatched": "MNLI-mm.tsv"},
+                 submission={"test_matched": "MNLI-m.tsv", "test_mismatched": "MNLI-mm.tsv"}, spell=spell,
+                 hub_dataset=HUB_DATASET, dataset_name="GLUE MNLI",
                  description="Multi-Genre NLI: 3 labels; matched and mismatched accuracy"),
     "qnli": _pair("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",), "QNLI.tsv",
                   "Question NLI: does the sentence answer the question; accuracy"),
@@ -217,12 +226,3 @@ TASKS = {
     "wnli": _pair("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "WNLI.tsv",
                   "Winograd NLI; accuracy"),
 }
-
-
-def submission_value(task: Task, pred: float | int) -> str:
-    """A prediction as GLUE's submission files spell it: a score (STS-B, clipped to 0..5), a label
-    name where GLUE's own files write names (MNLI, QNLI, RTE), else the label index."""
-    if task.regression:
-        return f"{min(5.0, max(0.0, float(pred))):.3f}"
-    layout = LAYOUTS.get(task.name)
-    return task.label_names[int(pred)] if layout is not None and layout.label_by_name else str(int(pred))
