@@ -9,9 +9,11 @@ accelerate: every node rank 0, a forgotten srun, pdsh needing ssh):
     the port is derived from the job id (two jobs sharing a node do not collide);
   * the node rank is ``$SLURM_NODEID``, inside single quotes so that each node's own shell
     expands it (expanded by the batch shell, every node would believe it is rank 0);
-  * GPUs: ``--gpus-per-node=N`` and one process per GPU; a CPU partition has no GPU line (sbatch
-    refuses any GPU request there: "Invalid generic resource"), and ``--cpus-per-task`` gives each
-    training process a core;
+  * GPUs: ``--gpus-per-node=N`` and one process per GPU, with ``--cpus-per-task`` = N x
+    ``cpus_per_gpu`` (4 by default: without it, on clusters that set no CPUs-per-GPU default, every
+    rank and the launcher share one core); a CPU partition has no GPU line (sbatch refuses any GPU
+    request there: "Invalid generic resource"), and ``--cpus-per-task`` gives each training process
+    a core;
   * preemption: ``--signal=B:USR1@LEAD`` sends USR1 to the batch shell LEAD..LEAD+30 s before the
     time limit (slurmctld checks on a ~30 s timer). The shell traps it first thing (bash's default
     is to exit) and passes it to the job step; launchers ignore it, and a ``STOP_REQUESTED`` file
@@ -53,6 +55,9 @@ PORT_BASE = 15000
 SIGNAL_JITTER_S = 30
 # Seconds a run needs at least between the warning and the limit: reach the next stop check and save.
 MIN_LEAD_S = 30
+# CPUs per GPU a GPU job asks for unless told otherwise: the training process, its data loading and
+# the launcher's share (SLURM's own default is one CPU per task, i.e. one for all the node's ranks).
+DEFAULT_CPUS_PER_GPU = 4
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class Job:
     account: str | None = None
     job_name: str = "distributed_tune"
     cpus_per_task: int | None = None  # CPUs for the one task of each node (all its processes)
+    cpus_per_gpu: int = DEFAULT_CPUS_PER_GPU  # without cpus_per_task: GPUs per node x this
     signal_lead_s: int = 90  # USR1 this long before the time limit: time to finish a step and save
     extra: tuple[str, ...] = ()  # more `#SBATCH --<x>` lines, e.g. qos=high
 
@@ -81,6 +87,10 @@ class Job:
             if not value or "\n" in value or value.startswith("-"):
                 raise ConfigError(f"--sbatch-option {value!r}: give one sbatch option without its dashes, "
                                   "e.g. qos=high")
+        for option in ("cpus_per_task", "cpus_per_gpu"):
+            value = getattr(self, option)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{option.replace('_', '-')}={value} must be at least 1")
         if self.signal_lead_s < MIN_LEAD_S:
             raise ConfigError(f"--signal-lead={self.signal_lead_s} s leaves too little time to reach a stop check "
                               f"and save a checkpoint; use at least {MIN_LEAD_S}")
@@ -115,6 +125,26 @@ def time_limit_s(value: str) -> int:
     return math.ceil(seconds / 60) * 60
 
 
+def cpus_per_task(job: Job) -> int:
+    """CPUs of each node's one task: as given, else GPUs x cpus_per_gpu, else one per CPU process."""
+    topo = job.topology
+    if job.cpus_per_task:
+        return job.cpus_per_task
+    return topo.gpus_per_node * job.cpus_per_gpu if topo.gpus_per_node else topo.processes_per_node
+
+
+def cpus_note(job: Job) -> str:
+    """One header line saying where --cpus-per-task comes from and how to change it."""
+    topo, cpus = job.topology, cpus_per_task(job)
+    if job.cpus_per_task:
+        why = "as given (--cpus-per-task)"
+    elif topo.gpus_per_node:
+        why = f"{topo.gpus_per_node} GPU(s) x {job.cpus_per_gpu} (submit --cpus-per-gpu N, or --cpus-per-task N)"
+    else:
+        why = "one per training process (submit --cpus-per-task N)"
+    return f"CPUs: --cpus-per-task={cpus} per node, {why}."
+
+
 def _q(value: str | Path) -> str:
     return shlex.quote(str(value))
 
@@ -130,9 +160,7 @@ def sbatch_directives(job: Job, workdir: Path, output: str, error: str | None = 
     lines += [f"--nodes={topo.nodes}", "--ntasks-per-node=1"]
     if topo.gpus_per_node:
         lines.append(f"--gpus-per-node={topo.gpus_per_node}")
-    cpus = job.cpus_per_task or (None if topo.gpus_per_node else topo.processes_per_node)
-    if cpus:
-        lines.append(f"--cpus-per-task={cpus}")
+    lines.append(f"--cpus-per-task={cpus_per_task(job)}")
     lines += [f"--chdir={workdir.resolve()}", f"--output={output}"] + ([f"--error={error}"] if error else [])
     lines += ["--open-mode=append", f"--signal=B:USR1@{job.signal_lead_s}", "--requeue",
               *(f"--{x}" for x in job.extra)]
@@ -201,6 +229,7 @@ def render_script(job: Job, paths: dict[str, Path], run_dir: Path, workdir: Path
         f"# {command_line}",
         f"# Rendered by distributed_tune; submit it again with: sbatch {run_dir / SCRIPT}",
         f"# {topo.describe()}; a requeued job resumes from the newest complete checkpoint.",
+        f"# {cpus_note(job)}",
         *sbatch_directives(job, workdir, output=f"{run_dir}/slurm-%j.out", error=f"{run_dir}/slurm-%j.err"),
     ]
     hello = 'echo "[job.sbatch] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST'

@@ -110,6 +110,10 @@ def test_golden_rendering(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert 'scontrol requeue "$DT_JOB"' in text and text.index('scontrol requeue "$DT_JOB"') > text.index('wait "$step"')
     # A CPU partition has no GPU resource: a GPU line would be refused ("Invalid generic resource").
     assert any(d.startswith("#SBATCH --gpus-per-node") for d in directives) == (gpus > 0)
+    # Every script asks for CPUs: GPUs x 4 (--cpus-per-gpu's default) unless given; a CPU job one per process.
+    cpus = {"slurm_2x8_zero2": 32, "slurm_1x4_ddp": 32, "slurm_1gpu": 4, "slurm_cpu_1x2": 2}[name]
+    assert [d for d in directives if d.startswith("#SBATCH --cpus-per-task=")] == [f"#SBATCH --cpus-per-task={cpus}"]
+    assert lines[4].startswith(f"# CPUs: --cpus-per-task={cpus} per node, ")
     if name == "slurm_cpu_1x2":
         assert "#SBATCH --cpus-per-task=2" in directives and "#SBATCH --partition=cpu" in directives
     if name == "slurm_1x4_ddp":
@@ -143,6 +147,8 @@ def test_submit_refusals_write_nothing(tmp_path: Path, monkeypatch: pytest.Monke
                            "--signal-lead=5 s leaves too little time to reach a stop check and save a checkpoint"),
         "time format": (["--config", zero2, "--time", "2h", "output_dir=runs/new"], "--time='2h' is not a SLURM time limit"),
         "no nodes": (["--config", zero2, "--nodes", "0", "output_dir=runs/new"], "--nodes=0 must be at least 1"),
+        "no CPUs per GPU": (["--config", zero2, "--cpus-per-gpu", "0", "output_dir=runs/new"],
+                            "--cpus-per-gpu=0 must be at least 1"),
         "header injection": (["--config", zero2, "--partition", "gpu\n#SBATCH --exclusive", "output_dir=runs/new"],
                              "--partition='gpu\\n#SBATCH --exclusive' must be one word without spaces"),
         "unknown key": (["--config", zero2, "train.lrr=1e-5", "output_dir=runs/new"],
@@ -165,6 +171,24 @@ def test_submit_refusals_write_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     assert (tmp_path / "runs" / "nosbatch" / "job.sbatch").is_file()
 
 
+def test_cpus_per_gpu_scales_the_cpus_of_a_gpu_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`--cpus-per-gpu N`: --cpus-per-task = GPUs per node x N, said in the header; --cpus-per-task wins."""
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs" / "cola_bert_base.yaml")
+    for args, want, why in (
+            (["--gpus-per-node", "2", "--cpus-per-gpu", "6"], 12, "2 GPU(s) x 6 (submit --cpus-per-gpu N"),
+            (["--gpus-per-node", "2", "--cpus-per-gpu", "6", "--cpus-per-task", "5"], 5, "as given (--cpus-per-task)"),
+            (["--gpus-per-node", "8"], 32, "8 GPU(s) x 4 ")):
+        out_dir = f"runs/c{want}"
+        code, _, err = submit(["--config", config, *args, "--dry-run", "train.micro_batch_size=2",
+                               f"output_dir={out_dir}"], capsys)
+        assert code == 0, err
+        text = (tmp_path / out_dir / "job.sbatch").read_text()
+        assert f"\n#SBATCH --cpus-per-task={want}\n" in text and text.count("--cpus-per-task=") == 2
+        assert f"# CPUs: --cpus-per-task={want} per node, {why}" in text
+
+
 def test_single_node_script_shares_the_rendered_signal_handling() -> None:
     """launch/single_node.sbatch is a static file: its warning trap and its step/requeue tail must be
     the rendered scripts' own (slurm.py), word for word, so that a fix reaches both."""
@@ -176,6 +200,8 @@ def test_single_node_script_shares_the_rendered_signal_handling() -> None:
     assert after.format(name=name, script="[options] launch/single_node.sbatch $*") in text
     # No GPU resource unless asked: the header's one GPU is the default, a CPU partition says 0.
     assert "#SBATCH --gpus-per-node=1" in text and "--gpus-per-node=0 --cpus-per-task=2" in text
+    # A GPU job asks for CPUs: 4 for the header's one GPU (a command line's --cpus-per-task wins).
+    assert "#SBATCH --cpus-per-task=4" in text and "--gpus-per-node=4 --cpus-per-task=16" in text
     assert 'gpus=${SLURM_GPUS_ON_NODE:-0}' in text and "${SLURM_CPUS_PER_TASK:-1}" in text
 
 

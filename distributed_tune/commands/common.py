@@ -13,7 +13,7 @@ from distributed_tune import checkpoint
 from distributed_tune.config import Config, load_config_and_keys
 from distributed_tune.errors import ConfigError, RunDirError
 from distributed_tune.launcher import Topology
-from distributed_tune.slurm import Job
+from distributed_tune.slurm import DEFAULT_CPUS_PER_GPU, Job
 
 
 def add_config_arguments(ap: argparse.ArgumentParser, run_flags: bool = True) -> None:
@@ -63,7 +63,11 @@ def add_job_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--partition", help="SLURM partition")
     ap.add_argument("--account", help="SLURM account to charge")
     ap.add_argument("--cpus-per-task", type=int,
-                    help="CPUs per node for the launcher and all its processes (default without GPUs: one per process)")
+                    help="CPUs per node for the launcher and all its processes (default: --gpus-per-node x "
+                         "--cpus-per-gpu; without GPUs one per process)")
+    ap.add_argument("--cpus-per-gpu", type=int, default=DEFAULT_CPUS_PER_GPU,
+                    help=f"with GPUs and no --cpus-per-task: CPUs per GPU (default {DEFAULT_CPUS_PER_GPU}); the script "
+                         "asks for --cpus-per-task = GPUs per node x this")
     ap.add_argument("--signal-lead", type=int, default=90, metavar="SECONDS",
                     help="USR1 this long before the time limit: time to reach the next stop check and save "
                          "(default 90; SLURM may send it up to a minute earlier)")
@@ -85,7 +89,7 @@ def job_from_args(args: argparse.Namespace, job_name: str) -> Job:
                           "one training process per GPU; leave --processes-per-node out")
     topo = Topology(nodes=args.nodes, processes_per_node=processes, gpus_per_node=args.gpus_per_node)
     job = Job(topology=topo, time=args.time, partition=args.partition, account=args.account,
-              job_name=job_name, cpus_per_task=args.cpus_per_task, signal_lead_s=args.signal_lead,
+              job_name=job_name, cpus_per_task=args.cpus_per_task, cpus_per_gpu=args.cpus_per_gpu, signal_lead_s=args.signal_lead,
               extra=tuple(args.sbatch_option))
     for warning in job.check():
         print(f"warning: {warning}", file=sys.stderr)
