@@ -180,12 +180,13 @@ def trajectory(cfg: Config, fingerprint: dict[str, str] | None = None) -> dict[s
     return out
 
 
-def check_resumable(ckpt: Path, state: dict[str, Any], cfg: Config, world_size: int, here: str,
-                    fingerprint: dict[str, str] | None = None, total_steps: int | None = None) -> tuple[int, int] | None:
+def check_resumable(ckpt: Path, state: dict[str, Any], cfg: Config, fingerprint: dict[str, str] | None = None,
+                    total_steps: int | None = None) -> tuple[int, int] | None:
     """Refuse a resume that would not continue the saved run: another recipe (one line naming each
-    changed key with both values), a shorter run, ZeRO shards over another number of processes.
-    `here` describes the new world, e.g. "this run has 4". With `total_steps` (the run's length
-    now), returns (length before, length now) when the resume makes the run longer."""
+    changed key with both values), a shorter run. Another number of processes is not refused: the
+    layout is converted on load (reshard.py); the global batch, a recipe key, stays. With
+    `total_steps` (the run's length now), returns (length before, length now) when the resume makes
+    the run longer."""
     saved = state.get("trajectory", {})
     now = trajectory(cfg, fingerprint)
     changed = [k for k in now if k in saved and saved[k] != now[k] and (k != "data.sha256" or fingerprint)
@@ -217,13 +218,6 @@ def check_resumable(ckpt: Path, state: dict[str, Any], cfg: Config, world_size: 
                               "optimizer steps); a resume may make a run longer, never shorter: resume with the run's "
                               "own length, or start a new run in another output_dir")
         extension = (before, total_steps) if total_steps > before else None
-    zero = state.get("zero_stage")
-    if zero is not None and state["world_size"] != world_size:
-        raise RunDirError(
-            f"{ckpt} holds ZeRO state sharded over {state['world_size']} processes but {here}; "
-            f"resume with {state['world_size']} processes, or start a new run from consolidated weights "
-            f"(DeepSpeed's zero_to_fp32.py in {ckpt})"
-        )
     return extension
 
 

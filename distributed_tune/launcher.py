@@ -111,13 +111,13 @@ def launch_command(paths: dict[str, Path], topo: Topology, flags: tuple[str, ...
     return [python, "-m", "accelerate.commands.launch", "--config_file", str(paths["accelerate"]), *train]
 
 
-def check_resumable(cfg: Config, world_size: int) -> None:
+def check_resumable(cfg: Config) -> None:
     """With --resume, refuse before anything starts what the training processes would each refuse
-    after their imports (checkpoint.check_resumable): say it once."""
+    after their imports (checkpoint.check_resumable): say it once. Any number of processes that
+    splits the global batch may resume a run (its checkpoint is converted on load)."""
     if not cfg.resume:
         return
     ckpt = checkpoint.latest_good(Path(cfg.output_dir), warn=lambda _: None)
     if ckpt is None:
         return
-    checkpoint.check_resumable(ckpt, checkpoint.read_trainer_state(ckpt), cfg, world_size,
-                               here=f"this launch starts {world_size} (nodes x processes per node)")
+    checkpoint.check_resumable(ckpt, checkpoint.read_trainer_state(ckpt), cfg)

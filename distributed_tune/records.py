@@ -22,8 +22,8 @@ from typing import Any
 from distributed_tune.files import atomic_write_jsonl
 
 TRAIN, EVAL = "train", "eval"
-FIRST_STEP, EPOCH_DATA, TRAIN_SUMMARY, STOPPED, EXTENDED, FINISHED = (
-    "first_step", "epoch_data", "train_summary", "stopped", "extended", "finished")
+FIRST_STEP, EPOCH_DATA, TRAIN_SUMMARY, STOPPED, EXTENDED, CONVERTED, FINISHED = (
+    "first_step", "epoch_data", "train_summary", "stopped", "extended", "converted", "finished")
 
 # kind -> (what it is, {field: meaning}). `optimizer_step` is on every record: a resume cuts the file
 # back to the checkpoint's step with it.
@@ -63,6 +63,10 @@ SCHEMA: dict[str, tuple[str, dict[str, str]]] = {
     EXTENDED: ("a resume made the run longer (train.max_steps / train.epochs raised)", {
         "optimizer_step": "the step it continued from", "from_steps": "the run's length before",
         "to_steps": "its length now"}),
+    CONVERTED: ("a resume on another number of processes: the checkpoint's layout converted on load", {
+        "optimizer_step": "the step it continued from", "from_world_size": "processes that saved the checkpoint",
+        "to_world_size": "processes now", "zero_stage": "the ZeRO stage (null: DDP, nothing sharded)",
+        "seconds": "time the conversion took"}),
     FINISHED: ("the last line of a complete run", {
         "outcome": "done or early_stop", "optimizer_step": "steps trained",
         "selection": "split/metric that selected model/", "best_value": "its best value",

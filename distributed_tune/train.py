@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distributed_tune import checkpoint, records, signals, summary
+from distributed_tune import checkpoint, records, reshard, signals, summary
 from distributed_tune.config import Config, Derived, TrainConfig, derive, dump_resolved, load_config
 from distributed_tune.data import (
     HELDOUT,
@@ -564,12 +564,21 @@ class Recipe:
             return
         state = checkpoint.read_trainer_state(ckpt)
         d = self.derived
-        extension = checkpoint.check_resumable(ckpt, state, self.cfg, d.world_size, here=f"this run has {d.world_size}",
-                                               fingerprint=self.data.fingerprint, total_steps=d.total_steps)
-        self.accelerator.load_state(str(ckpt))
+        extension = checkpoint.check_resumable(ckpt, state, self.cfg, fingerprint=self.data.fingerprint,
+                                               total_steps=d.total_steps)
+        seconds = reshard.load_state(self.accelerator, ckpt, state)
         if self.is_main:
             log.truncate_after(state["optimizer_step"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if seconds is not None:
+            # The converted optimizer keeps its groups' rates from construction: the schedule's, as saved.
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
+            engine = f"ZeRO-{state['zero_stage']}" if state.get("zero_stage") is not None else "DDP"
+            log.event(records.CONVERTED, optimizer_step=state["optimizer_step"], from_world_size=state["world_size"],
+                      to_world_size=d.world_size, zero_stage=state.get("zero_stage"), seconds=round(seconds, 3))
+            self.report.say(f"resumed on {d.world_size} process{'es' if d.world_size > 1 else ''} from a checkpoint of {state['world_size']} ({engine}, "
+                            f"accumulation {d.gradient_accumulation_steps}): converted on load in {seconds:.1f} s")
         p = self.state.progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
         self.state.evaluation_due = state.get("evaluation_due", False)
         self.report.say(f"resumed from {ckpt} (epoch {p.epoch}, optimizer step {p.optimizer_step})")

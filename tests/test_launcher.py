@@ -10,6 +10,7 @@ unknown keys) and by DeepSpeed's own config parser inside a world of the rendere
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -249,24 +250,31 @@ def test_unknown_key_in_a_config_file_names_file_and_key(tmp_path: Path) -> None
     )
 
 
-def test_resuming_zero_state_on_another_world_size_is_refused(tmp_path: Path) -> None:
-    """A run directory with a (sealed) checkpoint of 2 ZeRO-2 processes, relaunched with 4."""
-    from distributed_tune.checkpoint import write_manifest
+def test_zero_state_of_another_world_size_is_resumable_and_a_changed_recipe_is_not(tmp_path: Path) -> None:
+    """A run directory with a (sealed) checkpoint of 2 ZeRO-2 processes, relaunched with 4: with another
+    learning rate refused before anything starts, nothing rendered; with its own recipe accepted (the
+    processes convert the shards on load)."""
+    from distributed_tune.checkpoint import trajectory, write_manifest
+    from distributed_tune.config import load_config
+    from distributed_tune.launcher import check_resumable
 
+    args = ["distributed.zero_stage=2", "train.global_batch_size=32", "train.micro_batch_size=8"]
     ckpt = tmp_path / RUN / "checkpoints" / "step_00000004"
     ckpt.mkdir(parents=True)
-    (ckpt / "trainer_state.json").write_text(json.dumps({"world_size": 2, "zero_stage": 2, "optimizer_step": 4}))
+    saved = trajectory(load_config(None, args))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"world_size": 2, "zero_stage": 2, "optimizer_step": 4,
+                                                         "trajectory": saved}))
     write_manifest(ckpt)
-    proc = launch(["--gpus", "4", "--resume", "distributed.zero_stage=2", "train.global_batch_size=32",
-                   "train.micro_batch_size=8"], tmp_path)
+    proc = launch(["--gpus", "4", "--resume", *args, "train.lr=1e-4"], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        f"error: {RUN}/checkpoints/step_00000004 holds ZeRO state sharded over 2 processes but this launch starts 4 "
-        f"(nodes x processes per node); "
-        f"resume with 2 processes, or start a new run from consolidated weights "
-        f"(DeepSpeed's zero_to_fp32.py in {RUN}/checkpoints/step_00000004)"
+        f"error: {RUN}/checkpoints/step_00000004 cannot be resumed with a changed recipe (train.lr: 2e-05 in the "
+        "checkpoint, 0.0001 now); resume with the run's own settings (its config.yaml), or start a new run in "
+        "another output_dir"
     )
     assert sorted(p.name for p in (tmp_path / RUN).iterdir()) == ["checkpoints"]  # nothing rendered
+    # The same check with the run's own recipe on 4 processes passes (without starting them here).
+    check_resumable(dataclasses.replace(load_config(None, [*args, f"output_dir={tmp_path / RUN}"]), resume=True))
 
 
 def test_the_micro_batch_follows_the_number_of_processes(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def run(argv: list[str]) -> int:
     cfg, target, note = render_target(cfg, args.dry_run)
     if not args.dry_run:
         RunLock(run_dir).probe()  # a running job owns config.yaml: do not rewrite it under it
-        check_resumable(cfg, topo.world_size)
+        check_resumable(cfg)
         # A dry run may render files for another machine (fp16 for a GPU cluster, from a laptop).
         check_hardware(cfg)
     paths = render(dataclasses.replace(cfg, resume=False, overwrite=False), topo, target)

@@ -50,7 +50,7 @@ def run(argv: list[str]) -> int:
     cfg, run_dir, note = render_target(cfg, args.dry_run)
     job = job_from_args(args, name)
     RunLock(run_dir).probe()
-    check_resumable(cfg, job.topology.world_size)
+    check_resumable(cfg)
     # The job always starts with --resume; the config it reads must not also say overwrite.
     paths = render(dataclasses.replace(cfg, resume=False, overwrite=False), job.topology, run_dir)
     command_line = shlex.join(["python", "-m", "distributed_tune", "submit", *argv])

@@ -207,7 +207,7 @@ def submit_array(args: argparse.Namespace, sweep_dir: Path, plans: list[Any], ar
         if checkpoint.run_finished(run_dir):
             print(f"[sweep] {setting.name} seed {seed}: already finished in {run_dir}; not in the array")
             continue
-        check_resumable(dataclasses.replace(cfg, resume=True), job.topology.world_size)
+        check_resumable(dataclasses.replace(cfg, resume=True))
         paths = render(dataclasses.replace(cfg, resume=False, overwrite=False), job.topology, run_dir)
         atomic_write_text(run_dir / SCRIPT, render_script(job, paths, run_dir, Path.cwd(), sys.executable, command_line))
         indices.append(i)
