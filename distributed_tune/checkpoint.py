@@ -36,6 +36,9 @@ from distributed_tune.files import atomic_write_json, sha256_file
 MANIFEST = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 KEY_ENV = "DT_CHECKPOINT_KEY"
+# Recorded in every checkpoint: parameter groups (decay / no decay) judged by full parameter shapes.
+# ZeRO-3 checkpoints without it come from runs that, partitioned, decayed nothing (refused on resume).
+DECAY_GROUPS = "full_shape"
 
 # What a run writes into its directory (and all that `--overwrite` may delete).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "predictions.jsonl", "data_fingerprint.json", "results.json", "STOPPED",
@@ -207,6 +210,12 @@ def check_resumable(ckpt: Path, state: dict[str, Any], cfg: Config, fingerprint:
         raise RunDirError(
             f"{ckpt} cannot be resumed with a changed recipe ({diffs}); resume with the run's own settings "
             "(its config.yaml), or start a new run in another output_dir"
+        )
+    if state.get("zero_stage") == 3 and state.get("weight_decay_groups") != DECAY_GROUPS:
+        raise RunDirError(
+            f"{ckpt} was saved by ZeRO-3 before weight decay was fixed there (it decayed no parameter; weight "
+            "matrices are decayed now, as under DDP and ZeRO 1/2): it cannot continue the same recipe; start a new "
+            "run in another output_dir"
         )
     extension = None
     length = [k for k in LENGTH_KEYS if k in saved and saved[k] != now[k]]

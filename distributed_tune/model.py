@@ -201,8 +201,10 @@ def _shown(setting: str | tuple[float, ...]) -> str:
 
 
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Biases and normalisation weights (all 1-D tensors) get no weight decay."""
-    return param.ndim < 2 or name.endswith(".bias")
+    """Biases and normalisation weights (all 1-D tensors) get no weight decay. Judged by the
+    parameter's full shape: under ZeRO-3 the model is loaded partitioned, and every parameter the
+    optimizer sees is then an empty 1-D placeholder (`ds_shape` holds its real shape)."""
+    return len(getattr(param, "ds_shape", param.shape)) < 2 or name.endswith(".bias")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -543,6 +543,7 @@ class Recipe:
             **dataclasses.asdict(self.state.progress),
             "world_size": self.derived.world_size,
             "zero_stage": self.cfg.distributed.zero_stage,
+            "weight_decay_groups": checkpoint.DECAY_GROUPS,
             "global_batch_size": self.derived.global_batch_size,
             "total_steps": self.derived.total_steps,
             "trajectory": checkpoint.trajectory(self.cfg, self.data.fingerprint),

@@ -123,6 +123,28 @@ def test_deepspeed_ran_with_zero_shards_per_rank(runs, name: str) -> None:
     assert (derived["world_size"], derived["global_batch_size"]) == (2, 16)
 
 
+@pytest.mark.parametrize("name", ["zero3", "zero3_bf16"])
+def test_zero3_decays_the_weight_matrices_as_ddp_does(runs, name: str) -> None:
+    """Under ZeRO-3 the model is loaded partitioned: judged by what the optimizer saw (1-D
+    placeholders), no parameter was decayed. Judged by the full shapes, the decayed group holds the
+    weight matrices, the other the biases and LayerNorm weights: each rank's flat partition holds
+    half of every parameter (rounded up)."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    shapes = {k: v.shape for k, v in load_file(runs[name] / "model" / "model.safetensors").items()}
+    matrices = sum(math.ceil(math.prod(s) / 2) for k, s in shapes.items() if len(s) >= 2 and not k.endswith(".bias"))
+    vectors = sum(math.ceil(math.prod(s) / 2) for k, s in shapes.items() if len(s) < 2 or k.endswith(".bias"))
+    for rank in (0, 1):
+        folder = runs[name] / "checkpoints" / "step_00000008" / "pytorch_model"
+        sd = torch.load(next(folder.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")), weights_only=False)
+        base = sd["optimizer_state_dict"]["optimizer_state_dict"]
+        got = [(g["weight_decay"], base["state"][i]["exp_avg"].numel()) for i, g in enumerate(base["param_groups"])]
+        assert got == [(0.01, matrices), (0.0, vectors)], got
+
+
 def test_ddp_run_is_not_deepspeed(runs) -> None:
     ckpt = runs["ddp"] / "checkpoints" / "step_00000008"
     assert not (ckpt / "pytorch_model").exists() and not (runs["ddp"] / "ds_config.json").exists()

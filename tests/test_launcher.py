@@ -277,6 +277,28 @@ def test_zero_state_of_another_world_size_is_resumable_and_a_changed_recipe_is_n
     check_resumable(dataclasses.replace(load_config(None, [*args, f"output_dir={tmp_path / RUN}"]), resume=True))
 
 
+def test_a_zero3_checkpoint_from_before_the_weight_decay_fix_is_refused(tmp_path: Path) -> None:
+    """Partitioned before the optimizer saw them, ZeRO-3 parameters all looked 1-D: no weight decay at
+    all. Such a checkpoint (no `weight_decay_groups` in its state) cannot continue the fixed recipe."""
+    from distributed_tune.checkpoint import trajectory, write_manifest
+    from distributed_tune.config import load_config
+
+    args = ["distributed.zero_stage=3", "train.global_batch_size=32", "train.micro_batch_size=8"]
+    ckpt = tmp_path / RUN / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"world_size": 2, "zero_stage": 3, "optimizer_step": 4,
+                                                         "trajectory": trajectory(load_config(None, args))}))
+    write_manifest(ckpt)
+    proc = launch(["--gpus", "2", "--resume", *args], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: {RUN}/checkpoints/step_00000004 was saved by ZeRO-3 before weight decay was fixed there (it decayed "
+        "no parameter; weight matrices are decayed now, as under DDP and ZeRO 1/2): it cannot continue the same "
+        "recipe; start a new run in another output_dir"
+    )
+    assert sorted(p.name for p in (tmp_path / RUN).iterdir()) == ["checkpoints"]  # nothing rendered
+
+
 def test_the_micro_batch_follows_the_number_of_processes(tmp_path: Path) -> None:
     """The shipped config's global batch 32 on 4 and 8 processes (the README's commands): no
     arithmetic for the user to redo; accumulation only above the per-device cap."""
