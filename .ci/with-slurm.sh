@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a command with a one-node SLURM cluster up (CI: the real-cluster tests need one).
+# Run a command with a two-node SLURM cluster up (CI: the real-cluster tests need one).
 #
 #   bash .ci/with-slurm.sh python -m pytest -q tests
 #
