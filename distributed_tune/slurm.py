@@ -5,8 +5,13 @@ The script's shape (the conventions SLURM users expect, and the multi-node traps
 accelerate: every node rank 0, a forgotten srun, pdsh needing ssh):
   * one launcher per node: ``--ntasks-per-node=1`` and ``srun``, which starts ``accelerate launch``
     (torchrun underneath) once per node; no pdsh, no ssh;
-  * the rendezvous host is the first node of ``scontrol show hostnames "$SLURM_JOB_NODELIST"``,
-    the port is derived from the job id (two jobs sharing a node do not collide);
+  * the rendezvous host is the address SLURM has for the first node of ``scontrol show hostnames
+    "$SLURM_JOB_NODELIST"`` (its ``NodeAddr`` in ``scontrol show node``: the node's name need not
+    resolve on the other nodes); the port is derived from the job id (two jobs sharing a node do
+    not collide);
+  * the shape comes from the allocation at run time (``SLURM_JOB_NUM_NODES``, per node
+    ``SLURM_GPUS_ON_NODE`` or the rendered number of CPU processes): a requeued or resubmitted job
+    on other nodes, or on fewer or more, renders the launcher files for what it got and resumes;
   * the node rank is ``$SLURM_NODEID``, inside single quotes so that each node's own shell
     expands it (expanded by the batch shell, every node would believe it is rank 0);
   * GPUs: ``--gpus-per-node=N`` and one process per GPU, with ``--cpus-per-task`` = N x
@@ -27,7 +32,7 @@ accelerate: every node rank 0, a forgotten srun, pdsh needing ssh):
     the same way but does not requeue; the shell does not pass SIGTERM on (srun would SIGKILL the
     step).
 
-What a real one-node cluster shows of these scripts is tests/test_slurm_cluster.py.
+What a real two-node cluster shows of these scripts is tests/test_slurm_cluster.py.
   * ``srun --kill-on-bad-exit=1``: a node whose training fails ends the whole step at once.
 
 Imports no torch.
@@ -219,20 +224,57 @@ exit "$status"
 """
 
 
+# Where the allocation's first node is reachable: the address SLURM itself uses for it (NodeAddr),
+# not its name, which need not resolve on the other nodes (nor anywhere: NodeAddr may be the only
+# way to reach it). A node without its own NodeAddr reports its name there.
+RENDEZVOUS = """
+if [ "$DT_NODES" -gt 1 ]; then
+  DT_MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  DT_MAIN_IP=$(scontrol show node "$DT_MAIN_NODE" 2>/dev/null | sed -n 's/.* NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)
+  DT_MAIN_IP=${DT_MAIN_IP:-$DT_MAIN_NODE}
+else
+  DT_MAIN_IP=127.0.0.1
+fi
+export DT_MAIN_IP
+"""
+
+# The launcher files must match the allocation: rendered for another shape (a resubmission with
+# other --nodes/--gpus-per-node), they are rendered again for this one before the step starts.
+RERENDER = """
+if ! grep -qx "num_machines: $DT_NODES" "$DT_ACCELERATE_CONFIG" || ! grep -qx "num_processes: $DT_WORLD" "$DT_ACCELERATE_CONFIG"; then
+  echo "[{name}] this allocation: $DT_NODES node(s) x $DT_PER_NODE process(es); rendering the launcher files for it"
+  "$DT_PYTHON" -m distributed_tune launch --nodes "$DT_NODES" --gpus "$DT_PER_NODE" --resume --dry-run \\
+    --config "$DT_TRAIN_CONFIG" || exit 2
+fi
+"""
+
+
 def render_script(job: Job, paths: dict[str, Path], run_dir: Path, workdir: Path, python: str,
                   command_line: str) -> str:
-    """The batch script text. `paths` are launcher.render's files; every path is made absolute."""
+    """The batch script text. `paths` are launcher.render's files; every path is made absolute.
+
+    The script takes its shape from the allocation it gets (SLURM_JOB_NUM_NODES, and per node
+    SLURM_GPUS_ON_NODE with GPUs, else the rendered number of CPU processes; DT_PROCESSES_PER_NODE
+    overrides), so that `sbatch --nodes=1 job.sbatch` of a script rendered for two nodes
+    continues the run on one: the global batch stays, the accumulation follows the world size.
+    """
     topo = job.topology
     run_dir = run_dir.resolve()
+    gpu = "--gpus-per-node=G " if topo.gpus_per_node else ""
     header = [
         "#!/bin/bash",
         f"# {command_line}",
         f"# Rendered by distributed_tune; submit it again with: sbatch {run_dir / SCRIPT}",
         f"# {topo.describe()}; a requeued job resumes from the newest complete checkpoint.",
         f"# {cpus_note(job)}",
+        f"# On whatever is free: sbatch --nodes=N {gpu}{run_dir / SCRIPT} takes its processes from the",
+        "# allocation, renders the launcher files for it and resumes the run (same global batch).",
         *sbatch_directives(job, workdir, output=f"{run_dir}/slurm-%j.out", error=f"{run_dir}/slurm-%j.err"),
     ]
-    hello = 'echo "[job.sbatch] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST'
+    per_node = (f"${{DT_PROCESSES_PER_NODE:-${{SLURM_GPUS_ON_NODE:-{topo.processes_per_node}}}}}"
+                if topo.gpus_per_node else f"${{DT_PROCESSES_PER_NODE:-{topo.processes_per_node}}}")
+    hello = ('echo "[job.sbatch] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: '
+             '$DT_NODES node(s) x $DT_PER_NODE process(es); rendezvous $DT_MAIN_IP:$DT_MAIN_PORT"')
     body = [
         "",
         "set -eu",
@@ -241,42 +283,38 @@ def render_script(job: Job, paths: dict[str, Path], run_dir: Path, workdir: Path
         f"export DT_PYTHON={_q(python)}",
         f"export DT_TRAIN_CONFIG={_q(paths['config'].resolve())}",
         f"export DT_RUN_DIR={_q(run_dir)}",
+        f"export DT_ACCELERATE_CONFIG={_q(paths['accelerate'].resolve())}",
+        f"# This allocation's shape (rendered for {topo.nodes} x {topo.processes_per_node}; see the header).",
+        f"export DT_NODES=${{SLURM_JOB_NUM_NODES:-{topo.nodes}}}",
+        f"export DT_PER_NODE={per_node}",
+        "export DT_WORLD=$(( DT_NODES * DT_PER_NODE ))",
+        f"export DT_MAIN_PORT=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_BASE} ))",
+        RENDEZVOUS.strip("\n"),
+        hello,
+        RERENDER.format(name="job.sbatch").strip("\n"),
     ]
     train = '-m distributed_tune --config "$DT_TRAIN_CONFIG" --resume'
     launch = ['trap "" USR1']
-    if topo.world_size == 1 and "deepspeed" not in paths:
-        body.append(hello + '"')
-        why = ["# One process, no launcher."]
-        launch.append(f'exec "$DT_PYTHON" {train}')
-    else:
-        body += [
-            f"export DT_ACCELERATE_CONFIG={_q(paths['accelerate'].resolve())}",
-            f"export DT_MAIN_PORT=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_BASE} ))",
-        ]
-        launch += [
-            'exec "$DT_PYTHON" -m accelerate.commands.launch --config_file "$DT_ACCELERATE_CONFIG" \\',
-            f"  --num_machines {topo.nodes} --num_processes {topo.world_size} "
-            '--main_process_port "$DT_MAIN_PORT" \\',
-        ]
-        if topo.nodes > 1:
-            body += [
-                'DT_MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-                "export DT_MAIN_IP",
-                hello + '; rendezvous $DT_MAIN_IP:$DT_MAIN_PORT"',
-            ]
-            launch.append('  --machine_rank "$SLURM_NODEID" --main_process_ip "$DT_MAIN_IP" \\')
-        else:
-            body.append(hello + '"')
-        launch.append(f"  {train}")
-        why = [
-            "# One launcher per node. The single quotes matter: $SLURM_NODEID and the other variables are",
-            "# expanded by each node's own shell (expanded here, every node would be rank 0).",
-        ] if topo.nodes > 1 else ["# One launcher (accelerate launch -> torchrun) on the node."]
+    why = []
+    if "deepspeed" not in paths:
+        why.append("# A world of one: one process, no launcher.")
+        launch.append(f'if [ "$DT_WORLD" -eq 1 ]; then exec "$DT_PYTHON" {train}; fi')
     why += [
+        "# One launcher per node. The single quotes matter: $SLURM_NODEID and the other variables are",
+        "# expanded by each node's own shell (expanded here, every node would be rank 0).",
         '# trap "" USR1 (inherited through exec): launchers ignore the warning, and so does Python until',
         "# its handler is installed (the stop file covers that moment); the training processes stop cleanly.",
     ]
-    step = "\n".join([*why, "srun --kill-on-bad-exit=1 bash -c '" + "\n".join(launch) + "'"])
+    launch += [
+        'exec "$DT_PYTHON" -m accelerate.commands.launch --config_file "$DT_ACCELERATE_CONFIG" \\',
+        '  --num_machines "$DT_NODES" --num_processes "$DT_WORLD" --main_process_port "$DT_MAIN_PORT" \\',
+        '  --machine_rank "$SLURM_NODEID" --main_process_ip "$DT_MAIN_IP" \\',
+        f"  {train}",
+    ]
+    # One task per node, said outright: a job requeued onto fewer nodes keeps its first
+    # allocation's task count in the environment srun reads (SLURM_NTASKS), 2 tasks on 1 node.
+    step = "\n".join([*why, 'srun --nodes="$DT_NODES" --ntasks="$DT_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 '
+                             "bash -c '" + "\n".join(launch) + "'"])
     return "\n".join(header + body) + STEP_AND_REQUEUE.format(step=step, name="job.sbatch",
                                                               script=_q(run_dir / SCRIPT))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,17 @@ def test_zero2_two_nodes_preempt_resume_is_exact(tmp_path: Path, tiny_model: Pat
 
     ref_id = job_id_with_free_port()
     reference = tmp_path / "runs" / "reference"
-    proc, _ = run_job(submit_cmd([*common, "output_dir=runs/reference"]), cluster.env(ref_id), tmp_path)
+    # Node names that resolve nowhere (not in /etc/hosts, no DNS): the rendezvous must take the
+    # first node's address from SLURM (`scontrol show node`: NodeAddr), not its name.
+    names = "dt-unresolvable-a,dt-unresolvable-b"
+    for name in names.split(","):
+        with pytest.raises(OSError):
+            socket.getaddrinfo(name, None)
+    env = {**cluster.env(ref_id), "SHIM_NODE_NAMES": names}
+    proc, _ = run_job(submit_cmd([*common, "output_dir=runs/reference"]), env, tmp_path)
     assert proc.returncode == 0, proc.stdout + (reference / f"slurm-{ref_id}.err").read_text()[-4000:]
     out = (reference / f"slurm-{ref_id}.out").read_text()
-    assert f"on localhost,127.0.0.2; rendezvous localhost:{15000 + ref_id % 15000}" in out
+    assert (f"on {names}: 2 node(s) x 1 process(es); rendezvous 127.0.0.1:{15000 + ref_id % 15000}") in out
 
     job_id = job_id_with_free_port()
     run_dir = tmp_path / "runs" / "preempted"

@@ -80,32 +80,40 @@ def test_golden_rendering(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "#SBATCH --signal=B:USR1@90" in directives and "#SBATCH --open-mode=append" in directives
     assert f"#SBATCH --output=<cwd>/{run_dir.relative_to(tmp_path)}/slurm-%j.out" in directives
     assert "pdsh" not in text and "ssh " not in text
-    assert text.count("--resume") == 1
+    # Every training command resumes (the re-render for another shape, too: it writes into the run).
+    starts = [line for line in text.splitlines() if "-m distributed_tune " in line and not line.startswith("#")]
+    assert starts and all("--resume" in line for line in starts), starts
     srun = [line for line in lines if line.startswith("srun ")]
     assert len(srun) == 1
     gpus = int(args[args.index("--gpus-per-node") + 1])
     per_node = int(args[args.index("--processes-per-node") + 1]) if "--processes-per-node" in args else gpus
     world = per_node * (int(args[args.index("--nodes") + 1]) if "--nodes" in args else 1)
     # Every launcher, and Python itself before its handler is installed, ignores the warning.
-    assert srun[0] == "srun --kill-on-bad-exit=1 bash -c 'trap \"\" USR1"
-    if world == 1:
-        assert 'exec "$DT_PYTHON" -m distributed_tune --config "$DT_TRAIN_CONFIG" --resume\' &' in lines
-        assert (run_dir / "accelerate.yaml").exists() and not (run_dir / "ds_config.json").exists()
-    else:
-        assert f"--num_processes {world}" in text
+    assert srun[0] == ('srun --nodes="$DT_NODES" --ntasks="$DT_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 '
+                       "bash -c 'trap \"\" USR1")
+    # The shape comes from the allocation at run time, the rendered one is the default.
+    assert f"export DT_NODES=${{SLURM_JOB_NUM_NODES:-{world // per_node}}}" in lines
+    assert ('export DT_PER_NODE=${DT_PROCESSES_PER_NODE:-' + (f"${{SLURM_GPUS_ON_NODE:-{gpus}}}}}" if gpus
+                                                             else f"{per_node}}}")) in lines
+    assert '  --num_machines "$DT_NODES" --num_processes "$DT_WORLD" --main_process_port "$DT_MAIN_PORT" \\' in lines
+    deepspeed = (run_dir / "ds_config.json").exists()
+    one = 'if [ "$DT_WORLD" -eq 1 ]; then exec "$DT_PYTHON" -m distributed_tune --config "$DT_TRAIN_CONFIG" --resume; fi'
+    assert (one in lines) == (not deepspeed)
+    accelerate = (run_dir / "accelerate.yaml").read_text()
+    assert f"num_processes: {world}\n" in accelerate and f"num_machines: {world // per_node}\n" in accelerate
     if name == "slurm_2x8_zero2":
         # The node rank must reach each node unexpanded: it sits inside the single-quoted bash -c.
         quoted = text[text.index("bash -c '") + len("bash -c '"):]
         quoted = quoted[: quoted.index("'")]
         assert '--machine_rank "$SLURM_NODEID"' in quoted and '--main_process_ip "$DT_MAIN_IP"' in quoted
-        assert 'DT_MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
+        # The rendezvous is the first node's address as SLURM knows it, not its name.
+        assert '  DT_MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
+        assert any("scontrol show node \"$DT_MAIN_NODE\"" in line and "NodeAddr=" in line for line in lines)
         ds = (run_dir / "ds_config.json").read_text()
         assert '"train_micro_batch_size_per_gpu": 2' in ds and '"stage": 2' in ds
         for header in ("--partition=gpu", "--account=A", "--time=02:00:00", "--nodes=2", "--gpus-per-node=8",
                        "--job-name=dt-zero2"):
             assert f"#SBATCH {header}" in directives
-    else:
-        assert "SLURM_NODEID" not in text and "scontrol show" not in text
     # The job requeues itself (an array task: only itself) after the step has exited.
     assert 'scontrol requeue "$DT_JOB"' in text and text.index('scontrol requeue "$DT_JOB"') > text.index('wait "$step"')
     # A CPU partition has no GPU resource: a GPU line would be refused ("Invalid generic resource").
