@@ -43,7 +43,7 @@ DECAY_GROUPS = "full_shape"
 # What a run writes into its directory (and all that `--overwrite` may delete).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "predictions.jsonl", "data_fingerprint.json", "results.json", "STOPPED",
              "STOP_REQUESTED", ".lock", "accelerate.yaml", "ds_config.json", "job.sbatch")
-RUN_DIRS = ("checkpoints", "model", ".tmp-model", "trackers")
+RUN_DIRS = ("checkpoints", "model", ".tmp-model", "trackers", "heartbeat")
 # Written by `evaluate` / `report` into these folders; only these names are ever deleted there.
 DERIVED_FILES = {"eval": ("metrics.json", "predictions.jsonl"),
                  "report": ("report.md", "training.png", "evaluation.png", "confusion.png")}

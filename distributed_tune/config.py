@@ -144,7 +144,11 @@ class DistributedConfig:
     offload_params: Literal["none", "cpu"] = key("none", resume="free", accelerate="offload_param_device")
     """DeepSpeed parameter offload (ZeRO 3 only)."""
     timeout_s: int = key(600, resume="free", check=AT_LEAST_1)
-    """Collective timeout: a dead rank ends the job after this long instead of hanging it."""
+    """Collective timeout: a rank that waits this long in one collective (a peer died in it, or never
+    joins it while alive) fails, and the job with it."""
+    hang_timeout_s: int = key(120, resume="free", check=AT_LEAST_1)
+    """A peer that stops answering (stopped, frozen, its host gone: no heartbeat) ends the job after
+    this long, with a line naming its rank and host; the job then fails, it is not requeued."""
 
 
 @dataclass(frozen=True)

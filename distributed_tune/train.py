@@ -59,6 +59,7 @@ from distributed_tune.model import (
 from distributed_tune.reporting import Reporter
 from distributed_tune.rundir import RunDir
 from distributed_tune.tasks import Example
+from distributed_tune.watchdog import Watchdog
 
 # Optimizer steps between checks for stop signals and non-finite losses (each is a host-device
 # sync and a collective); checks also run before every checkpoint and evaluation.
@@ -161,6 +162,17 @@ class EvalSet:
     data: Tokenized
 
 
+def start_watchdog(acc: Any, run_dir: Path, hang_timeout_s: int) -> Watchdog:
+    """Heartbeats between the ranks (watchdog.py), under a token of this attempt from rank 0."""
+    import secrets
+
+    token = [secrets.token_hex(8) if acc.is_main_process else None]
+    torch.distributed.broadcast_object_list(token, src=0)
+    dog = Watchdog(run_dir, acc.process_index, acc.num_processes, hang_timeout_s, str(token[0]))
+    dog.start()
+    return dog
+
+
 class Recipe:
     """One fine-tuning job: `Recipe(cfg).run()`; `cfg` is resolved (config file, overrides and
     accelerate's settings)."""
@@ -169,6 +181,7 @@ class Recipe:
         self.cfg = cfg
         self.task = cfg.task_spec
         self.report: Reporter | None = None
+        self.watchdog: Watchdog | None = None
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or a stop signal / early stop); returns how it ended."""
@@ -181,6 +194,8 @@ class Recipe:
                 self.report.end_of_attempt()  # results.json, and the model card with the training time
                 return ended
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             if self.report is not None:
                 self.report.close()
 
@@ -190,6 +205,8 @@ class Recipe:
         """Build everything; False when there is nothing to do (resuming a finished run)."""
         cfg, run_dir = self.cfg, self.run_dir
         self.accelerator = acc = build_accelerator(cfg, project_dir=str(run_dir / "trackers"))
+        if acc.num_processes > 1:
+            self.watchdog = start_watchdog(acc, run_dir.path, cfg.distributed.hang_timeout_s)
         self.is_main = acc.is_main_process
         self.selection_split = HELDOUT if cfg.data.heldout_fraction > 0 else self.task.selection_split
         self.report = report = Reporter(acc, cfg, run_dir.path, self.task, self.selection_split)
