@@ -1,11 +1,13 @@
-"""Our SLURM scripts on a real one-node cluster, through our commands and the README's.
+"""Our SLURM scripts on a real two-node cluster, through our commands and the README's.
 
-    bash .ci/with-slurm.sh python -m pytest -q tests/test_slurm_cluster.py     # ~4 min on 2 cores
+    bash .ci/with-slurm.sh python -m pytest -q tests/test_slurm_cluster.py     # ~6 min on 2 cores
     eval "$(.ci/slurm-up.sh /tmp/dt-slurm)"; python -m pytest -q tests/test_slurm_cluster.py   # then .ci/slurm-down.sh /tmp/dt-slurm
 
 Skipped, with the reason, when no cluster answers (SLURM_CONF unset, `sinfo` missing or failing,
-no `cpu` partition with 2 CPUs); .ci/slurm-up.sh brings one up (slurm-wlm 22.05 + munge, partition
-`cpu`, no GPU, MinJobAge 300 s). Every job trains the tiny BERT on the test's CoLA files; job states
+no `cpu` partition with 2 CPUs; the two-node tests: no `two` partition with 2 nodes);
+.ci/slurm-up.sh brings one up (slurm-wlm 22.05 + munge, two `slurmd -N` daemons on loopback:
+partition `cpu` = n1, partition `two` = n1 + n2; no GPU, MinJobAge 300 s). The names n1 and n2
+resolve nowhere: a two-node job that rendezvoused at a node *name* would not start. Every job trains the tiny BERT on the test's CoLA files; job states
 come from `scontrol show job -o` (no accounting here, so no sacct). Facts the tests rely on,
 measured on slurm 22.05:
 
@@ -465,3 +467,250 @@ def test_single_node_script_on_a_cpu_partition(reference: dict, workdir: Path, j
     assert losses_by_step(run_dir) == losses_by_step(reference["run_dir"])
     say(f"    2 processes, warned at the start, stopped at optimizer step {k}, resumed; losses equal to the "
         "submitted job's")
+
+
+# --------------------------------------------------------------------------- two nodes (partition `two`)
+
+TWO = "two"  # .ci/slurm-up.sh: n1 and n2, two slurmd on this machine; n1/n2 resolve only through NodeAddr
+ONE_PER_NODE = ["--gpus-per-node", "0", "--processes-per-node", "1", "--time", "10"]
+
+
+def two_nodes_problem() -> str | None:
+    proc = subprocess.run(["sinfo", "-h", "-p", TWO, "-o", "%D %a"], capture_output=True, text=True, timeout=30)
+    fields = proc.stdout.split()
+    if proc.returncode != 0 or len(fields) < 2 or fields[1] != "up" or int(fields[0]) < 2:
+        return f"no partition '{TWO}' that is up with 2 nodes (sinfo: {proc.stdout.strip()!r}): .ci/slurm-up.sh makes one"
+    return None
+
+
+def needs_two_nodes() -> None:
+    problem = two_nodes_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+def job_processes(job: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every process on this machine (both nodes) that belongs to the job."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = proc.joinpath("environ").read_bytes().split(b"\0")
+            cmdline = proc.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job}".encode() in env:
+            found.append((int(proc.name), cmdline))
+    return found
+
+
+def training_pid(job: str, node_rank: int) -> int:
+    """The training process (not a launcher) of one node of the job."""
+    for pid, cmdline in job_processes(job):
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if (f"SLURM_NODEID={node_rank}".encode() in env and "-m distributed_tune --config" in cmdline
+                and "accelerate" not in cmdline and b"LOCAL_RANK=0" in env):
+            return pid
+    raise AssertionError(f"no training process of job {job} on node rank {node_rank}: {job_processes(job)}")
+
+
+def test_two_nodes_equal_one_process_accumulating_two(reference: dict, workdir: Path, job_config: Path,
+                                                      jobs: list[str], say: Callable[[str], None]) -> None:
+    """(g) `submit --nodes 2` on two real nodes (1 process each, rendezvous at n1's NodeAddr: the
+    name n1 resolves nowhere) and a 1-process job (accumulation 2): the same 300 losses, bit for
+    bit, and the same as the 2-process one-node job."""
+    needs_two_nodes()
+    with pytest.raises(OSError):
+        __import__("socket").getaddrinfo("n1", None)
+    runs = {"two_nodes": ["--nodes", "2", "--partition", TWO], "one_process": ["--partition", PARTITION]}
+    ids = {name: submit(["--config", str(job_config), *ONE_PER_NODE, *args, f"output_dir=runs/{name}"], workdir, jobs)
+           for name, args in runs.items()}
+    for name, job in ids.items():
+        watch = Watch(job)
+        record = watch.until(finished, "finished")
+        run_dir = workdir / "runs" / name
+        err = (run_dir / f"slurm-{job}.err").read_text()
+        assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), f"{label(record)}\n{err[-4000:]}"
+        out = (run_dir / f"slurm-{job}.out").read_text()
+        say(f"\n(g) {name}: job {job} on {record['NodeList']}: {' -> '.join(watch.seen)}; RunTime={record['RunTime']}")
+        if name == "two_nodes":
+            assert record["NodeList"] == "n[1-2]" and record["NumNodes"] == "2"
+            assert f"on n[1-2]: 2 node(s) x 1 process(es); rendezvous 127.0.0.1:{15000 + int(job) % 15000}" in out
+        assert_clean(err)
+    want = losses_by_step(reference["run_dir"])
+    two, one = (losses_by_step(workdir / "runs" / name) for name in ("two_nodes", "one_process"))
+    assert list(two) == list(range(1, STEPS + 1))
+    assert two == one == want, side_by_side(one, two, 1)
+    dev2, dev1 = final_dev(workdir / "runs" / "two_nodes"), final_dev(workdir / "runs" / "one_process")
+    assert (dev2["world_size"], dev1["world_size"]) == (2, 1) and dev2["mcc"] == dev1["mcc"]
+    say(f"    2 nodes x 1 process == 1 process x accumulation 2 == 1 node x 2 processes: all {STEPS} losses bitwise; "
+        f"dev MCC {dev2['mcc']!r}")
+
+
+def test_two_nodes_preempted_requeued_on_one_node_then_two(reference: dict, workdir: Path, job_config: Path,
+                                                           jobs: list[str], say: Callable[[str], None]) -> None:
+    """(h) A 2-node job warned (USR1): both nodes stop, the step exits 0, the job requeues. Released
+    on ONE node (`scontrol update NumNodes=1-1 NumTasks=1`: whatever is free), the same script takes its shape
+    from the allocation (1 process, accumulation 2) and resumes; warned again, requeued, cancelled
+    (at once, while it starts) and continued by `submit --resume --nodes 2`: 300 losses equal to the uninterrupted job, bitwise."""
+    needs_two_nodes()
+    run_dir = workdir / "runs" / "reshaped"
+    job = submit(["--config", str(job_config), *ONE_PER_NODE, "--nodes", "2", "--partition", TWO,
+                  "output_dir=runs/reshaped"], workdir, jobs)
+    watch = Watch(job)
+    wait_for_steps(run_dir, watch, 5)
+    usr1(job)
+    watch.until(lambda r: r["JobState"] == "PENDING" and r["Reason"] == "BeginTime", "held after a requeue")
+    time.sleep(2)
+    # NumNodes=1 alone moves only the minimum (the scheduler still gives 2 when both are free), and
+    # 2 tasks (one per node) would need 2 nodes: both bounds and the task count.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1", "StartTime=now"], check=True,
+                   timeout=30)
+    watch.until(lambda r: r["JobState"] == "RUNNING" and r["NumNodes"] == "1", "running on one node")
+    usr1(job)  # at once: the stop file stops it at its first check after the resume
+    held = watch.until(lambda r: r["JobState"] == "PENDING" and r["Reason"] == "BeginTime", "held after a requeue")
+    assert held["Restarts"] == "2"
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    watch.until_state("CANCELLED")
+    out, err = (run_dir / f"slurm-{job}.out").read_text(), (run_dir / f"slurm-{job}.err").read_text()
+    # Attempt 0 on both nodes, attempt 1 on n1 alone: 1 process, the launcher files rendered for it.
+    assert f"job {job} (restart 0) on n[1-2]: 2 node(s) x 1 process(es); rendezvous 127.0.0.1:" in out
+    assert f"job {job} (restart 1) on n1: 1 node(s) x 1 process(es)" in out
+    assert out.count("this allocation: 1 node(s) x 1 process(es); rendering the launcher files for it") == 1
+    assert out.count("job step exited with status 0") == 2 and out.count(f"requeueing job {job}") == 2
+    k1, k2 = stopped_at(err)
+    assert 5 <= k1 < k2 < STEPS
+
+    again = submit(["--config", str(job_config), *ONE_PER_NODE, "--nodes", "2", "--partition", TWO, "--resume",
+                    "output_dir=runs/reshaped"], workdir, jobs)
+    watch2 = Watch(again)
+    record = watch2.until(finished, "finished")
+    out2, err2 = (run_dir / f"slurm-{again}.out").read_text(), (run_dir / f"slurm-{again}.err").read_text()
+    say(f"\n(h) job {job}: {' -> '.join(watch.seen)}; stopped at steps {k1} (2 nodes) and {k2} (1 node)\n"
+        f"    submit --resume --nodes 2: job {again}: {' -> '.join(watch2.seen)}; ExitCode={record['ExitCode']}")
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), err2[-4000:]
+    assert f"resumed from runs/reshaped/checkpoints/step_{k2:08d}" in " ".join(err2.split())
+    assert "rendering the launcher files" not in out2  # submit rendered them for its own shape
+    for text in (out, out2):
+        assert_clean(text)
+    assert_clean(re.sub(rf"slurmstepd.*JOB {job} ON .* CANCELLED AT .* DUE TO JOB REQUEUE \*\*\*\n", "", err), err2)
+    layout = r"world (\d+) x micro \d+ x accumulation (\d+)"
+    starts = [(int(w), int(a)) for text in (err, err2) for w, a in re.findall(layout, " ".join(text.split()))]
+    assert starts == [(2, 1), (1, 2), (2, 1)], starts
+    want, got = losses_by_step(reference["run_dir"]), losses_by_step(run_dir)
+    assert list(got) == list(range(1, STEPS + 1)) and got == want, side_by_side(want, got, k1)
+    say(f"    (world size, accumulation) per attempt {starts}; all {STEPS} losses equal to the uninterrupted job, bitwise")
+
+
+def test_a_rank_killed_on_node_two_fails_the_job(workdir: Path, job_config: Path, jobs: list[str],
+                                                 say: Callable[[str], None]) -> None:
+    """(i) SIGKILL of node 2's training process: the job ends FAILED within seconds (srun
+    --kill-on-bad-exit), is not requeued, and no process of it is left on either node."""
+    needs_two_nodes()
+    run_dir = workdir / "runs" / "killed"
+    job = submit(["--config", str(job_config), *ONE_PER_NODE, "--nodes", "2", "--partition", TWO,
+                  "output_dir=runs/killed", "train.max_steps=3000", "train.epochs=6"], workdir, jobs)
+    watch = Watch(job)
+    wait_for_steps(run_dir, watch, 5)
+    victim = training_pid(job, 1)
+    os.kill(victim, 9)
+    t0 = time.monotonic()
+    record = watch.until(finished, "finished", timeout=60)
+    ended = time.monotonic() - t0
+    deadline = time.monotonic() + 30
+    while job_processes(job) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = job_processes(job)
+    time.sleep(3)
+    record = watch.poll()
+    say(f"\n(i) job {job}: {' -> '.join(watch.seen)}; SIGKILL of node 2's rank (pid {victim}) -> "
+        f"{record['JobState']} after {ended:.1f} s; ExitCode={record['ExitCode']}; processes left: {len(left)}")
+    assert (record["JobState"], record["Restarts"]) == ("FAILED", "0")
+    assert ended < 30 and left == []
+    out = (run_dir / f"slurm-{job}.out").read_text()
+    assert "requeueing" not in out and "(restart 1)" not in out
+
+
+def test_a_rank_stopped_on_node_two_fails_the_job_within_the_hang_bound(workdir: Path, job_config: Path,
+                                                                        jobs: list[str],
+                                                                        say: Callable[[str], None]) -> None:
+    """(j) SIGSTOP of node 2's training process (alive, silent: no crash for srun to see) with
+    distributed.hang_timeout_s=10: node 1's rank names it and exits 3, the job ends FAILED within
+    the bound plus a few seconds, is not requeued, and no process of it is left."""
+    needs_two_nodes()
+    run_dir = workdir / "runs" / "stopped"
+    job = submit(["--config", str(job_config), *ONE_PER_NODE, "--nodes", "2", "--partition", TWO,
+                  "output_dir=runs/stopped", "train.max_steps=3000", "train.epochs=6",
+                  "distributed.hang_timeout_s=10"], workdir, jobs)
+    watch = Watch(job)
+    wait_for_steps(run_dir, watch, 5)
+    victim = training_pid(job, 1)
+    os.kill(victim, 19)  # SIGSTOP
+    t0 = time.monotonic()
+    record = watch.until(finished, "finished", timeout=120)
+    ended = time.monotonic() - t0
+    deadline = time.monotonic() + 30
+    while job_processes(job) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = job_processes(job)
+    for pid, _ in left:
+        os.kill(pid, 9)
+    time.sleep(3)
+    record = watch.poll()
+    err = (run_dir / f"slurm-{job}.err").read_text()
+    (line,) = [x for x in err.splitlines() if "has not answered for" in x]
+    say(f"\n(j) job {job}: {' -> '.join(watch.seen)}; SIGSTOP of node 2's rank (pid {victim}) -> "
+        f"{record['JobState']} after {ended:.1f} s (hang_timeout_s=10); ExitCode={record['ExitCode']}; "
+        f"processes left: {len(left)}\n    {line}")
+    assert (record["JobState"], record["Restarts"]) == ("FAILED", "0")
+    assert line.startswith(f"error: rank 1 on host n2 (pid {victim}) has not answered for ")
+    assert 10 <= ended < 30 and left == []
+    out = (run_dir / f"slurm-{job}.out").read_text()
+    assert "requeueing" not in out and "(restart 1)" not in out
+
+
+# Resharding rebuilds the fp32 masters and Adam moments exactly; later steps reduce over another
+# partition (tests/test_deepspeed.py measured 0.0 on CPU / gloo and asserts this bound).
+RESHARD_TOL_ZERO = 1e-6
+
+
+def test_a_zero2_two_node_job_resumes_on_one_node(workdir: Path, job_config: Path, jobs: list[str],
+                                                   say: Callable[[str], None]) -> None:
+    """(k) ZeRO-2 over two nodes, warned (USR1), requeued and released on ONE node: the script
+    renders DeepSpeed's files for a world of one, the sharded state is converted on load, and the
+    300 losses match a 1-process ZeRO-2 job of the same recipe (run beside it on n1) within
+    RESHARD_TOL_ZERO; the max difference is printed."""
+    needs_two_nodes()
+    zero = ["distributed.zero_stage=2"]
+    run_dir, ref_dir = workdir / "runs" / "zero2_reshaped", workdir / "runs" / "zero2_one"
+    job = submit(["--config", str(job_config), *ONE_PER_NODE, "--nodes", "2", "--partition", TWO,
+                  "output_dir=runs/zero2_reshaped", *zero], workdir, jobs)
+    ref = submit(["--config", str(job_config), *ONE_PER_NODE, "--partition", PARTITION, "output_dir=runs/zero2_one",
+                  *zero], workdir, jobs)
+    watch = Watch(job)
+    wait_for_steps(run_dir, watch, 5)
+    usr1(job)
+    watch.until(lambda r: r["JobState"] == "PENDING" and r["Reason"] == "BeginTime", "held after a requeue")
+    time.sleep(2)
+    # NumNodes=1 alone moves only the minimum (the scheduler still gives 2 when both are free), and
+    # 2 tasks (one per node) would need 2 nodes: both bounds and the task count.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1", "StartTime=now"], check=True,
+                   timeout=30)
+    record = watch.until(finished, "finished")
+    ref_record = Watch(ref).until(finished, "finished")
+    out, err = (run_dir / f"slurm-{job}.out").read_text(), (run_dir / f"slurm-{job}.err").read_text()
+    assert (record["JobState"], record["Restarts"], record["ExitCode"]) == ("COMPLETED", "1", "0:0"), err[-4000:]
+    assert ref_record["JobState"] == "COMPLETED", (ref_dir / f"slurm-{ref}.err").read_text()[-4000:]
+    assert f"job {job} (restart 1) on {record['NodeList']}: 1 node(s) x 1 process(es)" in out
+    assert "this allocation: 1 node(s) x 1 process(es); rendering the launcher files for it" in out
+    (k,) = stopped_at(err)
+    converted = [(r["optimizer_step"], r["from_world_size"], r["to_world_size"])
+                 for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "converted"]
+    assert converted == [(k, 2, 1)], converted
+    want, got = losses_by_step(ref_dir), losses_by_step(run_dir)
+    assert list(got) == list(range(1, STEPS + 1)) and list(want) == list(got)
+    diff = max(abs(got[s] - want[s]) for s in got)
+    say(f"\n(k) job {job}: {' -> '.join(watch.seen)}; ZeRO-2 stopped at step {k} on 2 nodes, converted 2 -> 1, "
+        f"finished on {record['NodeList']}; max |loss difference| vs the 1-process job over {STEPS} steps: {diff:.3g}")
+    assert diff <= RESHARD_TOL_ZERO, side_by_side(want, got, k)
