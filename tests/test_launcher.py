@@ -103,7 +103,7 @@ def test_zero3_offload_bf16_numbers_come_from_the_config(rendered) -> None:
     # The training config written beside them is the one the processes read.
     cfg = yaml.safe_load((cwd / RUN / "config.yaml").read_text())
     assert cfg["distributed"] == {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu",
-                                  "timeout_s": 600}
+                                  "timeout_s": 600, "hang_timeout_s": 120}
     assert cfg["output_dir"] == RUN
 
 
