@@ -65,7 +65,9 @@ def load_rng(path: Path) -> None:
     np.random.set_state(states["numpy_random_seed"])
     torch.set_rng_state(states["torch_manual_seed"])
     if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
-        torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+        # One state per device the saving process saw; a node of another shape may have fewer.
+        for i, cuda_state in enumerate(states["torch_cuda_manual_seed"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
 
 
 # --------------------------------------------------------------------------- reading W old shards
