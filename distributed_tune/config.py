@@ -39,6 +39,23 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters through peft (distributed_tune/lora.py); `model.lora: null` (the default) is
+    full fine-tuning. The classification head is always trained in full and always saved."""
+
+    r: int | None = key(None, resume="fixed", check=AT_LEAST_1)
+    """LoRA rank; null: no LoRA, every weight is fine-tuned."""
+    alpha: float = key(16.0, resume="fixed", check=Check(lambda v: v > 0, "must be positive"))
+    """LoRA scaling numerator: the update is (alpha / r) B A."""
+    dropout: float = key(0.0, resume="fixed", check=Check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
+    """Dropout on the LoRA input (0: off, and runs stay world-size invariant without re-seeding)."""
+    target_modules: tuple[str, ...] | None = key(None, resume="fixed")
+    """Module names that get adapters (peft's matching: a name's last part(s)), or `all-linear`;
+    null: the family's default (BERT-like query/value, Llama/Qwen/Mistral/Gemma q_proj/v_proj,
+    GPT-2 c_attn, DistilBERT q_lin/v_lin, DeBERTa query_proj/value_proj)."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = key("bert-base-uncased", resume="fixed", trainer="model_name_or_path")
     """Hub name or local folder of any Hugging Face sequence-classification model."""
@@ -48,6 +65,7 @@ class ModelConfig:
     """Run code shipped with a hub model. Off: only enable for repositories you trust."""
     revision: str | None = key(None, resume="fixed")
     """Hub revision (branch, tag or commit) to pin; null takes the default branch."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,9 @@ class TrainConfig:
     cuda_graphs: bool = key(False, resume="free")
     """Also capture each compiled step in a CUDA graph (torch.compile mode reduce-overhead): no
     per-kernel launch cost. One CUDA process, no DeepSpeed."""
+    gradient_checkpointing: bool = key(False, resume="free", trainer="gradient_checkpointing")
+    """Recompute each layer's activations in the backward pass instead of keeping them (transformers'
+    non-reentrant checkpointing): less memory, ~30% more compute, the same losses."""
 
 
 @dataclass(frozen=True)
@@ -450,7 +471,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
             raise ConfigError(f"{where}: unknown key '{full}'{_suggest(full, valid + list(KEYS))}")
         tp = hints[leaf]
         if dataclasses.is_dataclass(tp):
-            kwargs[leaf] = _build(tp, value, f"{full}.", where)
+            # `model.lora: null` is the section's defaults (for LoRA: full fine-tuning)
+            kwargs[leaf] = _build(tp, {} if value is None else value, f"{full}.", where)
         elif leaf == "report_to" and value in ("none", None):
             kwargs[leaf] = ()
         else:
@@ -595,6 +617,17 @@ def validate(cfg: Config) -> None:
             f"distributed.offload_params=cpu needs distributed.zero_stage=3 (now {dist.zero_stage}); "
             "parameter offload exists only in ZeRO-3"
         )
+    lora = cfg.model.lora
+    if lora.r is not None and dist.offload_params != "none":
+        raise ConfigError("model.lora.r is set with distributed.offload_params=cpu: peft cannot place its adapters on "
+                          "ZeRO-3's offloaded parameters; set distributed.offload_params=none (LoRA's frozen base needs "
+                          "no optimizer state: distributed.offload_optimizer=cpu or ZeRO-3 alone is enough)")
+    if lora.r is None and lora.target_modules is not None:
+        raise ConfigError(f"model.lora.target_modules={list(lora.target_modules)} is set but model.lora.r is null "
+                          "(full fine-tuning); set model.lora.r (e.g. 8) to train LoRA adapters")
+    if lora.target_modules is not None and not lora.target_modules:
+        raise ConfigError("model.lora.target_modules=[] names no module; name some (e.g. [query, value]) or "
+                          "leave it null for the model family's default")
     if (t.compile or t.cuda_graphs) and dist.zero_stage is not None:
         raise ConfigError(f"train.compile / train.cuda_graphs with distributed.zero_stage={dist.zero_stage}: DeepSpeed "
                           "runs its own engine; compile without DeepSpeed (distributed.zero_stage=null)")

@@ -5,11 +5,20 @@
 fp32 safetensors whatever the training precision (gathered from the shards under ZeRO-3), the
 tokenizer, and `training_info.json` (which step, why it was kept). Written as `.tmp-model/` and
 renamed over `model/`: a failed export keeps the previous model/ and leaves no half-written folder.
+
+With LoRA (model.lora.r), `model/` is the merged model (base + (alpha/r) B A, merged in fp32, the
+trained head included): `pipeline()` and AutoModelForSequenceClassification load it without peft.
+`model/adapter/` holds the same run in peft's format (adapter + head, `PeftModel.from_pretrained`
+onto the base model.name) with the tokenizer. Both come from one gathered state dict (ZeRO-3: the
+full parameters), loaded on rank 0 into a fresh copy of the model: the training model is untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +29,11 @@ from distributed_tune.errors import RunDirError
 from distributed_tune.files import atomic_write_json
 from distributed_tune.model import quiet_transformers
 
-MODEL_DIR, TMP_MODEL_DIR, TRAINING_INFO = "model", ".tmp-model", "training_info.json"
+MODEL_DIR, TMP_MODEL_DIR, TRAINING_INFO, ADAPTER_DIR = "model", ".tmp-model", "training_info.json", "adapter"
 
 
 def export_model(accelerator: Any, model: Any, tokenizer: Any, run_dir: Path, info: dict[str, Any],
-                 zero_stage: int | None) -> Path:
+                 zero_stage: int | None, base_model: str | None = None) -> Path:
     """Collective (every rank gathers under ZeRO-3); rank 0 writes. Returns run_dir/model."""
     state = accelerator.get_state_dict(model)  # collective under ZeRO-3; None off rank 0
     out = run_dir / MODEL_DIR
@@ -34,7 +43,11 @@ def export_model(accelerator: Any, model: Any, tokenizer: Any, run_dir: Path, in
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             unwrapped = accelerator.unwrap_model(model)
-            if zero_stage == 3:
+            if hasattr(unwrapped, "peft_config"):
+                with _no_zero_init(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # peft asks a deprecated transformers flag
+                    unwrapped, state = _merged(unwrapped, state, tokenizer, tmp / ADAPTER_DIR, base_model)
+            elif zero_stage == 3:
                 # Loading under ZeRO-3 records transformers' legacy renamings (LayerNorm gamma/beta),
                 # which save_pretrained would write back; the default mapping writes today's names.
                 unwrapped._weight_conversions = None
@@ -62,3 +75,42 @@ def export_model(accelerator: Any, model: Any, tokenizer: Any, run_dir: Path, in
         raise RunDirError(failure[0])
     accelerator.wait_for_everyone()
     return out
+
+
+@contextlib.contextmanager
+def _no_zero_init() -> Iterator[None]:
+    """The fresh copy of the model is built whole on rank 0's host: neither transformers nor peft
+    may see ZeRO-3 here (zero.Init and GatheredParameters are collectives the other ranks would not
+    join). transformers reads the setting from one module-level weak reference (accelerate's
+    DeepSpeed plugin sets it): cleared for the block, then restored."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def _merged(peft_model: Any, state: dict[str, torch.Tensor], tokenizer: Any, adapter_dir: Path,
+            base_model: str | None) -> tuple[Any, dict]:
+    """A fresh fp32 copy of the peft model loaded with `state` (the gathered training state); writes
+    its adapter (+ head, + tokenizer; base_model_name_or_path: `base_model`) to `adapter_dir`;
+    returns (merged model, its state dict)."""
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    base_config = peft_model.get_base_model().config
+    fresh = AutoModelForSequenceClassification.from_config(base_config, dtype=torch.float32)
+    fresh = get_peft_model(fresh, config)
+    fresh.peft_config["default"].base_model_name_or_path = base_model
+    fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    with quiet_transformers():
+        fresh.save_pretrained(adapter_dir, safe_serialization=True)
+        tokenizer.save_pretrained(adapter_dir)
+    merged = fresh.merge_and_unload()
+    return merged, merged.state_dict()

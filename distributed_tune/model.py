@@ -120,9 +120,13 @@ def max_positions(model_config: Any, tokenizer: Any) -> int | None:
 
 
 def load_model(cfg: ModelConfig, label_names: tuple[str, ...], regression: bool, pad_token_id: int,
-               max_length: int, tokenizer: Any) -> tuple[torch.nn.Module, list[str]]:
+               max_length: int, tokenizer: Any, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, list[str]]:
     """AutoModelForSequenceClassification for the task's labels (or one regression output), and
-    notes worth saying once (head initialised or replaced, missing weights)."""
+    notes worth saying once (head initialised or replaced, missing weights).
+
+    `dtype`: the weights' dtype as loaded (`load_dtype`). Under ZeRO-3 the accelerator built before
+    this call has made transformers load inside DeepSpeed's zero.Init: each rank materialises only
+    its own shard, never a full copy of the model."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kwargs = _hub_kwargs(cfg)
@@ -141,6 +145,11 @@ def load_model(cfg: ModelConfig, label_names: tuple[str, ...], regression: bool,
     names = label_names if not regression else ("score",)
     mcfg.id2label = dict(enumerate(names))
     mcfg.label2id = {v: k for k, v in mcfg.id2label.items()}
+    vocab = getattr(mcfg.get_text_config(), "vocab_size", None)
+    if isinstance(vocab, int) and pad_token_id >= vocab:
+        raise ModelError(f"model.name={cfg.name}: the tokenizer's pad token {tokenizer.pad_token!r} (id {pad_token_id}) "
+                         f"is not in the model's vocabulary ({vocab} tokens): the tokenizer files belong to another "
+                         "model; copy the model's own tokenizer files into the folder")
     mcfg.pad_token_id = pad_token_id
     if cfg.dropout is not None:
         # Every config field that is a dropout probability (hidden, attention, classifier, ...).
@@ -149,10 +158,8 @@ def load_model(cfg: ModelConfig, label_names: tuple[str, ...], regression: bool,
                 setattr(mcfg, key, cfg.dropout)
     try:
         with quiet_transformers():
-            # fp32 master weights whatever the checkpoint's dtype (transformers 5 would keep a bf16
-            # checkpoint in bf16); training precision is autocast's / DeepSpeed's business.
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                cfg.name, config=mcfg, dtype=torch.float32, use_safetensors=None, ignore_mismatched_sizes=True,
+                cfg.name, config=mcfg, dtype=dtype, use_safetensors=None, ignore_mismatched_sizes=True,
                 output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise _load_error(cfg, "model weights", e) from None
@@ -171,6 +178,16 @@ def load_model(cfg: ModelConfig, label_names: tuple[str, ...], regression: bool,
         notes.append(f"warning: model.name={cfg.name} lacks {len(other)} encoder weights, initialised at random "
                      f"({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}); is it the right checkpoint?")
     return model, notes
+
+
+def load_dtype(cfg: Config) -> torch.dtype:
+    """bf16 under DeepSpeed bf16: DeepSpeed keeps the fp32 master copy of what is trained itself, so an
+    fp32 copy of the whole model at load time would only cost host memory (8B: 32 GB per rank). fp32
+    otherwise, whatever the checkpoint's dtype (transformers 5 would keep a bf16 checkpoint in bf16):
+    autocast (DDP, one process) needs fp32 weights."""
+    if cfg.precision == "bf16" and cfg.distributed.zero_stage is not None:
+        return torch.bfloat16
+    return torch.float32
 
 
 def class_weights(setting: str | tuple[float, ...], labels: Any, label_names: tuple[str, ...],
@@ -277,3 +294,38 @@ def peak_flops(precision: str) -> float | None:
         if key in name:
             return peaks[precision] * 1e12
     return None
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, lora: bool) -> None:
+    """train.gradient_checkpointing: transformers' own, non-reentrant (torch.utils.checkpoint with
+    use_reentrant=False), not DeepSpeed's activation checkpointing. DeepSpeed's would need its
+    `checkpointing.checkpoint` called inside the model's layers (Megatron-style models do that;
+    Hugging Face models call torch's checkpoint through `gradient_checkpointing_enable`), so with
+    both on the two would fight over the same layers; transformers' version works the same under one
+    process, DDP and every ZeRO stage. Non-reentrant: it supports frozen inputs (LoRA's frozen
+    embeddings) and keyword arguments; the reentrant one would silently compute no gradient for a
+    layer whose inputs need none."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        # LoRA freezes the embeddings: make their output require grad so that the first checkpointed
+        # layer's recomputation is part of the graph (peft's own advice; harmless when non-reentrant).
+        model.enable_input_require_grads()
+
+
+def what_runs(model: torch.nn.Module, accelerator: Any, cfg: Config) -> str:
+    """One line: parameters total / trainable, the weights' dtype and the memory of this rank now
+    (after the model and optimizer are placed; every rank holds the same under DDP, its shard under
+    ZeRO-3)."""
+    from distributed_tune.lora import count_parameters
+
+    total, trainable = count_parameters(model)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if torch.cuda.is_available():
+        memory = f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB CUDA allocated per rank"
+    else:
+        import psutil
+
+        memory = f"{psutil.Process().memory_info().rss / 2**30:.2f} GiB host RSS per rank"
+    mode = f"ZeRO-{cfg.distributed.zero_stage}" if cfg.distributed.zero_stage is not None else "no DeepSpeed"
+    return (f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.2f}%), "
+            f"{dtype} weights; {mode} on {accelerator.num_processes} process(es); {memory}")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distributed_tune import checkpoint, records, reshard, signals, summary
+from distributed_tune import checkpoint, lora, records, reshard, signals, summary
 from distributed_tune.config import Config, Derived, TrainConfig, derive, dump_resolved, load_config
 from distributed_tune.data import (
     HELDOUT,
@@ -52,9 +52,12 @@ from distributed_tune.model import (
     build_scheduler,
     class_weights,
     continue_schedule,
+    enable_gradient_checkpointing,
+    load_dtype,
     load_model,
     read_data_and_tokenizer,
     training_flops_per_token,
+    what_runs,
 )
 from distributed_tune.reporting import Reporter
 from distributed_tune.rundir import RunDir
@@ -228,9 +231,14 @@ class Recipe:
 
         torch.manual_seed(cfg.seed)  # the new classification head is initialised from this
         model, notes = load_model(cfg.model, self.data.label_names, self.task.regression,
-                                  self.tokenizer.pad_token_id, cfg.data.max_length, self.tokenizer)
+                                  self.tokenizer.pad_token_id, cfg.data.max_length, self.tokenizer, load_dtype(cfg))
         flops_per_token = training_flops_per_token(model)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model, lora=lora.enabled(cfg.model))
+        model, lora_note = lora.apply_lora(model, cfg.model)
+        notes += [lora_note] if lora_note else []
         self.model, self.optimizer = acc.prepare(model, build_optimizer(model, cfg.train))
+        notes.append(what_runs(model, acc, cfg))
         self.batches = Batcher(self.train_data, acc.device, self.derived.pad_to_multiple_of)
         # The forward pass of training: the same parameters, compiled when train.compile is on
         # (evaluation runs the model as it is: other shapes, no backward).
@@ -615,4 +623,4 @@ class Recipe:
                 "value": p.best_value if reason != "final" else None, "run_dir": str(self.run_dir.path.resolve()),
                 **summary.exported_evaluation(self.run_dir.path, p.optimizer_step, self.selection_split)}
         return export_model(self.accelerator, self.model, self.tokenizer, self.run_dir.path, info,
-                            self.cfg.distributed.zero_stage)
+                            self.cfg.distributed.zero_stage, base_model=lora.base_name(self.cfg.model))

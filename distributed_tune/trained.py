@@ -18,6 +18,8 @@ from typing import Any
 from distributed_tune.config import Config, ModelConfig, load_config
 from distributed_tune.errors import ModelError, RunDirError
 
+ADAPTER_CONFIG = "adapter_config.json"  # peft's; a LoRA adapter folder (RUN/model/adapter)
+
 
 @dataclass(frozen=True)
 class Target:
@@ -30,6 +32,8 @@ class Target:
     @property
     def training_info(self) -> dict[str, Any] | None:
         path = self.model_dir / "training_info.json"
+        if not path.is_file() and (self.model_dir / ADAPTER_CONFIG).is_file():
+            path = self.model_dir.parent / "training_info.json"  # RUN/model/adapter: the merged model's
         return json.loads(path.read_text()) if path.is_file() else None
 
     def logged_evaluation(self) -> dict[str, Any] | None:
@@ -67,6 +71,14 @@ class Target:
 def resolve_target(path: str, overrides: list[str]) -> Target:
     """A run directory (RUN/model + RUN/config.yaml) or a save_pretrained folder (config.json)."""
     p = Path(path).expanduser()
+    if (p / ADAPTER_CONFIG).is_file():
+        # A LoRA adapter (peft's format): RUN/model/adapter, or a folder copied elsewhere.
+        run_dir = p.parent.parent if p.parent.name == "model" and (p.parent.parent / "config.yaml").is_file() else None
+        if run_dir is not None:
+            return Target(p, run_dir, load_config(run_dir / "config.yaml", overrides))
+        info_path = p.parent / "training_info.json"
+        task = json.loads(info_path.read_text()).get("task") if info_path.is_file() else None
+        return Target(p, None, load_config(None, ([f"task={task}"] if task else []) + overrides))
     if (p / "config.json").is_file():
         run_dir = p.parent if p.name == "model" and (p.parent / "config.yaml").is_file() else None
         if run_dir is not None:
@@ -82,8 +94,8 @@ def resolve_target(path: str, overrides: list[str]) -> Target:
             )
         return Target(p / "model", p, load_config(p / "config.yaml", overrides))
     raise ModelError(
-        f"{p}: neither a run directory (config.yaml + model/) nor a save_pretrained folder "
-        "(config.json + weights); pass one of those"
+        f"{p}: neither a run directory (config.yaml + model/), a save_pretrained folder (config.json + weights) "
+        "nor a LoRA adapter folder (adapter_config.json); pass one of those"
     )
 
 
@@ -97,16 +109,20 @@ def load_trained(target: Target, label_names: tuple[str, ...] | None = None) -> 
     from distributed_tune.model import load_tokenizer, quiet_transformers
 
     tokenizer = load_tokenizer(ModelConfig(name=str(target.model_dir)))
+    task = target.cfg.task_spec
+    names = label_names or task.label_names
     try:
         with quiet_transformers():
             # fp32 whatever the saved dtype: CPU-safe and exact.
-            model = AutoModelForSequenceClassification.from_pretrained(target.model_dir, dtype=torch.float32)
+            if (target.model_dir / ADAPTER_CONFIG).is_file():
+                model = _merged_adapter(target.model_dir, names, task.regression, tokenizer.pad_token_id)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(target.model_dir, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"{target.model_dir}: cannot load the model ({reason}); "
                          "pass a save_pretrained folder with config.json and weights") from None
-    task = target.cfg.task_spec
-    outputs = 1 if task.regression else len(label_names or task.label_names)
+    outputs = 1 if task.regression else len(names)
     if model.config.num_labels != outputs:
         raise ModelError(f"{target.model_dir}: the model has {model.config.num_labels} outputs; task={task.name} "
                          f"needs {outputs}; pass task= for the task it was trained on")
@@ -115,10 +131,32 @@ def load_trained(target: Target, label_names: tuple[str, ...] | None = None) -> 
     return model.eval(), tokenizer
 
 
+def _merged_adapter(folder: Path, names: tuple[str, ...], regression: bool, pad_token_id: int) -> Any:
+    """A LoRA adapter folder onto its base model (adapter_config.json's base_model_name_or_path),
+    merged: the same model as the run's merged model/ export."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base_name = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise ModelError(f"{folder}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path); set it to the "
+                         "model the adapter was trained on")
+    labels = ("score",) if regression else names
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_name, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)}, pad_token_id=pad_token_id, dtype=torch.float32,
+        ignore_mismatched_sizes=True)  # the head comes from the adapter folder (peft's modules_to_save)
+    return PeftModel.from_pretrained(base, folder).merge_and_unload()
+
+
 def label_names(target: Target) -> tuple[str, ...]:
     """The task's labels; a custom task's live in the model's id2label."""
     task = target.cfg.task_spec
     if task.label_names or task.regression:
         return task.label_names
-    config = json.loads((target.model_dir / "config.json").read_text())
+    path = target.model_dir / "config.json"
+    if not path.is_file():  # an adapter folder next to its merged model
+        path = target.model_dir.parent / "config.json"
+    config = json.loads(path.read_text())
     return tuple(config["id2label"][str(i)] for i in range(len(config["id2label"])))

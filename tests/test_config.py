@@ -228,7 +228,8 @@ def test_every_key_declares_its_rules_on_the_field() -> None:
     assert leaves(Config) == list(KEYS)
     assert LENGTH_KEYS == ("train.epochs", "train.max_steps")
     assert set(TRAJECTORY_KEYS) == {
-        "seed", "task", "precision", "model.name", "model.revision", "model.dropout", "data.source",
+        "seed", "task", "precision", "model.name", "model.revision", "model.dropout", "model.lora.r",
+        "model.lora.alpha", "model.lora.dropout", "model.lora.target_modules", "data.source",
         "custom.train_file", "custom.validation_file", "custom.text_fields", "custom.label_field",
         "custom.regression", "data.max_length", "data.pad_to_multiple_of", "data.length_grouping", "data.heldout_fraction",
         "train.epochs", "train.max_steps", "train.global_batch_size", "train.lr", "train.weight_decay",

@@ -111,6 +111,10 @@ def run_readme_command(command: str, env: Env, cwd: Path) -> str:
         proc = run(argv, cwd)
         assert proc.returncode == 2 and "no CUDA device is visible" in proc.stderr, proc.stderr[-2000:]
         return "refuses without a GPU, in one line"
+    if "benchmarks/scale.py" in command:
+        ok(run([*argv, "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate", "64",
+                "--vocab", "100", "--steps", "1", "--worlds", "1"], cwd), command)
+        return "a tiny shape, 1 step, 1 process"
     if "benchmarks/bench_vs_trainer.py" in command:
         ok(run([*argv[:2], "--data", str(env.cola), "--model", str(env.model), "--cache", str(env.cache),
                 "--quick", "--quick-steps", "2", "--seeds", "42", "--setups", "ours", *argv[2:][2:]], cwd), command)

@@ -74,5 +74,40 @@ def make_tiny_gpt2(path: Path, cola: Path, vocab_size: int = 300, hidden: int = 
     return path
 
 
+def make_tiny_decoder(path: Path, cola: Path, family: str = "llama", vocab_size: int = 300, hidden: int = 16,
+                      seed: int = 0) -> Path:
+    """A tiny Llama- or Qwen2-architecture sequence classifier (random weights) with a byte-level BPE
+    tokenizer trained on CoLA; as with the real ones, the Llama tokenizer has no pad token."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        LlamaConfig,
+        LlamaForSequenceClassification,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen2ForSequenceClassification,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(cola_sentences(cola), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    # Loaded back, a qwen2 folder's tokenizer pads with <|endoftext|> (Qwen2Tokenizer's default, in the
+    # real vocabularies too); the Llama one has no pad token.
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    shape = dict(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                 num_labels=2, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
+    config, cls = ((LlamaConfig(**shape), LlamaForSequenceClassification) if family == "llama"
+                   else (Qwen2Config(**shape), Qwen2ForSequenceClassification))
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    cls(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
 if __name__ == "__main__":
     print(make_tiny_bert(Path(sys.argv[1]), Path(sys.argv[2])))
