@@ -11,6 +11,7 @@ Imports no torch at module level.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,9 @@ def _merged_adapter(folder: Path, names: tuple[str, ...], regression: bool, pad_
         base_name, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)}, pad_token_id=pad_token_id, dtype=torch.float32,
         ignore_mismatched_sizes=True)  # the head comes from the adapter folder (peft's modules_to_save)
-    return PeftModel.from_pretrained(base, folder).merge_and_unload()
+    with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(base, folder).merge_and_unload()
 
 
 def label_names(target: Target) -> tuple[str, ...]:

@@ -289,3 +289,17 @@ def test_target_modules_that_do_not_exist_is_one_line_exit_2(llama: Path, cache_
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "model.lora.target_modules: query not among the linear layers" in lines[0]
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_predict_takes_the_merged_model_or_the_adapter(runs, tmp_path: Path) -> None:
+    run = runs["bert_z3"]
+    rows = [json.loads(line) for line in (run / "model" / "dev_predictions.jsonl").read_text().splitlines()][:20]
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("".join(r["sentence"] + "\n" for r in rows))
+    got = {}
+    for name, target in (("merged", run / "model"), ("adapter", run / "model" / "adapter")):
+        out = tmp_path / f"{name}.jsonl"
+        run_cli(["predict", str(target), "--file", str(sentences), "--out", str(out)])
+        got[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["pred_label"] for g in got["merged"]] == [g["pred_label"] for g in got["adapter"]] == [r["pred_label"] for r in rows]
+    assert [g["prob"] for g in got["adapter"]] == pytest.approx([g["prob"] for g in got["merged"]], abs=1e-5)
