@@ -208,13 +208,13 @@ class Recipe:
         """Build everything; False when there is nothing to do (resuming a finished run)."""
         cfg, run_dir = self.cfg, self.run_dir
         self.accelerator = acc = build_accelerator(cfg, project_dir=str(run_dir / "trackers"))
-        if acc.num_processes > 1:
-            self.watchdog = start_watchdog(acc, run_dir.path, cfg.distributed.hang_timeout_s)
         self.is_main = acc.is_main_process
         self.selection_split = HELDOUT if cfg.data.heldout_fraction > 0 else self.task.selection_split
         self.report = report = Reporter(acc, cfg, run_dir.path, self.task, self.selection_split)
         if cfg.resume and checkpoint.run_finished(run_dir.path) and not self.extends_finished_run():
             return False
+        if acc.num_processes > 1:  # from here on a silent peer ends the job (watchdog.py)
+            self.watchdog = start_watchdog(acc, run_dir.path, cfg.distributed.hang_timeout_s)
 
         cache = Path(cfg.data.cache_dir).expanduser()
         # Download, read and tokenize on the local main process first; the others hit its cache.
