@@ -448,6 +448,10 @@ def test_single_node_script_on_a_cpu_partition(reference: dict, workdir: Path, j
                  workdir, jobs)
     watch = Watch(job)
     watch.until_state("RUNNING")
+    # RUNNING comes before the batch shell runs (a USR1 then kills it: WTERMSIG 10, seen on a loaded
+    # machine): wait for its process, and the few milliseconds bash needs to reach the trap.
+    watch.until(lambda r: any("slurm_script" in cmd for _, cmd in job_processes(job)), "in its batch shell")
+    time.sleep(0.2)
     usr1(job)
     watch.release_after_requeue()
     record = watch.until(finished, "finished")
