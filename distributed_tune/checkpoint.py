@@ -17,8 +17,10 @@ checkpoint that is loaded. Model exports (``model/``) are safetensors only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import shutil
@@ -31,7 +33,7 @@ from safetensors import SafetensorError
 from distributed_tune import records
 from distributed_tune.config import LENGTH_KEYS, TRAJECTORY_KEYS, Config, flat_dict
 from distributed_tune.errors import RunDirError
-from distributed_tune.files import atomic_write_json, sha256_file
+from distributed_tune.files import WriteError, atomic_write_json, make_dirs, remove, sha256_file, write_problem, writing
 
 MANIFEST = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -57,49 +59,97 @@ def checkpoint_name(step: int) -> str:
 # --------------------------------------------------------------------------- sealing
 
 
+MIN_KEY_BYTES = 32
+
+
 def key_path() -> Path:
     return Path(os.environ.get(KEY_ENV) or Path.home() / ".config" / "distributed_tune" / "checkpoint.key")
 
 
-def _key() -> bytes:
+class KeyMissing(RunDirError):
+    """The checkpoint key file does not exist (only a fresh run creates one)."""
+
+
+def read_key() -> bytes:
+    """This user's checkpoint key. Refused (RunDirError, one line): a missing key (KeyMissing), an
+    empty or short one (an HMAC under a short key can be forged), one that group or others can
+    read (whoever reads it can seal a checkpoint that this user then unpickles; refused, not
+    warned: a warning scrolls by unseen in a batch job's log)."""
     path = key_path()
-    if not path.is_file():
+    try:
+        st = path.stat()
+        key = path.read_bytes().strip()
+    except FileNotFoundError:
+        raise KeyMissing(f"checkpoint key {path} does not exist") from None
+    except OSError as e:
+        raise RunDirError(f"checkpoint key {path} cannot be read ({e.strerror}); fix its permissions (chmod 600 "
+                          f"{path}) or point {KEY_ENV} at a readable key file") from None
+    if st.st_mode & 0o077:
+        raise RunDirError(
+            f"checkpoint key {path} can be read by group or others (mode {st.st_mode & 0o777:04o}): whoever reads it can "
+            f"seal a checkpoint that this user loads (its pickles run code); chmod 600 {path}")
+    if len(key) < MIN_KEY_BYTES:
+        raise RunDirError(
+            f"checkpoint key {path} is {'empty' if not key else f'too short ({len(key)} bytes)'}: a seal under it can be "
+            f"forged; it needs at least {MIN_KEY_BYTES} bytes: point {KEY_ENV} at the key the run's checkpoints were "
+            "sealed with, or delete the file and start a fresh run (it creates a new key)")
+    return key
+
+
+def ensure_key() -> None:
+    """A fresh run (nothing to resume): create the key if there is none, atomically (the whole key
+    appears at once under its name, mode 0600, or another process's key stays), then check it."""
+    path = key_path()
+    if not os.path.lexists(path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(os.urandom(32).hex())
-        except FileExistsError:  # another rank made it first
-            pass
-    return path.read_text().strip().encode()
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # fails if it exists: never replaces a key
+            except FileExistsError:  # another rank or run made it first
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    read_key()
 
 
-def _seal(files: dict[str, list[Any]]) -> str:
+def _seal(files: dict[str, list[Any]], key: bytes) -> str:
     body = json.dumps(files, sort_keys=True).encode()
-    return hmac.new(_key(), body, hashlib.sha256).hexdigest()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != MANIFEST)
 
 
 def write_manifest(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {str(p.relative_to(folder)): [p.stat().st_size, sha256_file(p)] for p in files}
-    atomic_write_json(folder / MANIFEST, {"files": manifest, "hmac": _seal(manifest)})
+    manifest = {str(p.relative_to(folder)): [p.stat().st_size, sha256_file(p)] for p in _files(folder)}
+    atomic_write_json(folder / MANIFEST, {"files": manifest, "hmac": _seal(manifest, read_key())})
+
+
+UNSEALED = "not sealed with this user's checkpoint key"
 
 
 def verify(folder: Path) -> str | None:
     """None if the checkpoint is complete, intact and sealed with this user's key, else what is
-    wrong with it."""
+    wrong with it. Every file in the folder must be in the manifest (an added file fails). A
+    problem starting with UNSEALED: the files match the manifest, only the seal does not (another
+    key, or none readable)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         return "no COMPLETE manifest (interrupted while saving)"
     try:
         manifest = json.loads(manifest_path.read_text())
         files, seal = manifest["files"], manifest["hmac"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        listed = {rel: (int(size), str(digest)) for rel, (size, digest) in files.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
         return "unreadable COMPLETE manifest"
-    if not hmac.compare_digest(seal, _seal(files)):
-        return (f"its manifest is not sealed with this user's checkpoint key ({key_path()}): written elsewhere "
-                "or edited; it is not loaded (its pickles could run code)")
-    for rel, (size, digest) in files.items():
+    for rel, (size, digest) in listed.items():
         p = folder / rel
         if not p.is_file():
             return f"{rel} is missing"
@@ -107,6 +157,16 @@ def verify(folder: Path) -> str | None:
             return f"{rel} is truncated ({p.stat().st_size} of {size} bytes)"
         if sha256_file(p) != digest:
             return f"{rel} is corrupted (sha256 mismatch)"
+    unlisted = [str(p.relative_to(folder)) for p in _files(folder) if str(p.relative_to(folder)) not in listed]
+    if unlisted:
+        return f"{unlisted[0]} is not in its manifest (added after it was sealed)"
+    try:
+        key = read_key()
+    except RunDirError as e:
+        return f"{UNSEALED}: {e}"
+    if not isinstance(seal, str) or not hmac.compare_digest(seal, _seal(files, key)):
+        return (f"{UNSEALED} ({key_path()}): written elsewhere or edited; it is not loaded (its pickles could run "
+                "code)")
     return None
 
 
@@ -115,14 +175,43 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(folder.glob("step_*")) if folder.is_dir() else []
 
 
-def latest_good(run_dir: Path, warn: Callable[[str], None] = print) -> Path | None:
-    """The newest intact checkpoint; damaged ones are reported and skipped (never deleted)."""
+def latest_good(run_dir: Path, warn: Callable[[str], None] = print, resuming: bool = False) -> Path | None:
+    """The newest intact checkpoint; damaged ones are reported and skipped (never deleted).
+    `resuming`: when none verifies but some are complete and only their seal cannot be checked
+    (the key is missing, another, unusable), refuse in one line instead of returning None: a
+    resume must never start fresh over them."""
+    unsealed = []
     for ckpt in reversed(list_checkpoints(run_dir)):
         problem = verify(ckpt)
         if problem is None:
             return ckpt
+        if problem.startswith(UNSEALED):
+            unsealed.append((ckpt, problem))
         warn(f"checkpoint {ckpt} is damaged: {problem}; trying the previous one")
+    if resuming and unsealed:
+        names = ", ".join(c.name for c, _ in reversed(unsealed))
+        try:
+            read_key()
+            why = "sealed with another key"
+        except RunDirError as e:
+            why = str(e)
+        raise RunDirError(
+            f"resume: the complete checkpoints {names} in {run_dir / 'checkpoints'} cannot be verified with the "
+            f"checkpoint key {key_path()} ({why}); nothing was started and they are kept: point {KEY_ENV} at the key "
+            "they were sealed with (on a cluster every node must see the same key), or start fresh with --overwrite "
+            "instead of --resume (that deletes them)")
     return None
+
+
+def _set_aside(ckpt: Path) -> Path:
+    """A checkpoint that did not verify, in the way of a new one of the same step: renamed to
+    checkpoints/damaged-step_XXXXXXXX[-N], kept for inspection, never loaded, rotated or overwritten."""
+    for n in itertools.count():
+        aside = ckpt.with_name(f"damaged-{ckpt.name}" + (f"-{n}" if n else ""))
+        if not os.path.lexists(aside):
+            ckpt.rename(aside)
+            return aside
+    raise AssertionError("unreachable")
 
 
 def save(
@@ -132,35 +221,44 @@ def save(
     parent = run_dir / "checkpoints"
     final = parent / checkpoint_name(step)
     tmp = parent / f".tmp-{checkpoint_name(step)}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        parent.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            remove(run_dir, [tmp], "saving a checkpoint")
+            make_dirs(parent)
+        accelerator.wait_for_everyone()
+        with writing(tmp):
+            accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             atomic_write_json(tmp / TRAINER_STATE, trainer_state)
             write_manifest(tmp)
-            if final.exists():  # a re-run of the same step (after a resume): replace it whole
-                shutil.rmtree(final)
+            if os.path.lexists(final):
+                if verify(final) is None:  # a re-run of the same step (after a resume): replace it whole
+                    remove(run_dir, [final], "saving a checkpoint")
+                else:  # the damaged one a resume skipped: kept, out of the way
+                    _set_aside(final)
             tmp.replace(final)
             # Rotate only what is older than the checkpoint just sealed: a newer one can exist
             # (damaged, skipped on resume) and must not push the new one out.
             older = [c for c in list_checkpoints(run_dir) if c.name < final.name]
-            for old in older[: max(0, len(older) - (keep - 1))]:
-                shutil.rmtree(old)
-    except (OSError, RuntimeError, SafetensorError) as e:
+            remove(run_dir, older[: max(0, len(older) - (keep - 1))], "rotating checkpoints")
+    except (WriteError, OSError, RuntimeError, SafetensorError) as e:
         # A full disk (or file size limit) surfaces as OSError from our writes, RuntimeError from
         # torch.save and SafetensorError from safetensors.
+        if isinstance(e, RunDirError) and not isinstance(e, WriteError):
+            raise  # the deleter's refusal, already one line
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        reason = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0][:200]
-        free_mb = shutil.disk_usage(parent).free // 2**20
+            with contextlib.suppress(OSError, RunDirError):
+                remove(run_dir, [tmp], "cleaning up")
+        reason, fix = (e.reason, e.fix) if isinstance(e, WriteError) else write_problem(e, tmp)
+        try:
+            free = f"; {shutil.disk_usage(parent).free // 2**20} MiB free there"
+        except OSError:
+            free = ""
         previous = latest_good(run_dir, warn=lambda _: None)
         raise RunDirError(
-            f"could not save checkpoint {final} ({reason}; {free_mb} MiB free there); the previous checkpoint "
-            f"{previous or '(none)'} is kept; free disk space and resume with --resume"
+            f"could not save checkpoint {final} ({reason}{free}); the previous checkpoint "
+            f"{previous or '(none)'} is kept; {fix} and resume with --resume"
         ) from None
     accelerator.wait_for_everyone()
     return final
@@ -264,6 +362,7 @@ def refuse_used_run_dir(cfg: Config) -> Path:
     an --overwrite that would delete what the run needs or what is not a run's."""
     run_dir = Path(cfg.output_dir)
     check_output_dir(run_dir)
+    refuse_symlinks(run_dir)
     used = [name for name in RESULTS if (run_dir / name).exists()]
     if used and not (cfg.resume or cfg.overwrite):
         raise RunDirError(
@@ -301,28 +400,27 @@ def looks_like_a_run(run_dir: Path) -> bool:
 
 def clear_results(run_dir: Path) -> list[Path]:
     """--overwrite: remove what a previous run (and `evaluate` / `report`) wrote; the rendered
-    launch files stay, and a file the package did not write is never touched. Returns what
-    was removed."""
-    removed = []
-    for name in RUN_FILES:
-        if name in ("accelerate.yaml", "ds_config.json", "job.sbatch", ".lock", "config.yaml"):
-            continue  # rendered by launch/submit for this run, or held by it
-        p = run_dir / name
-        if p.is_file():
-            p.unlink()
-            removed.append(p)
-    for name in RUN_DIRS:
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-            removed.append(p)
-    for folder, names in DERIVED_FILES.items():
-        for name in names:
-            p = run_dir / folder / name
-            if p.is_file():
-                p.unlink()
-                removed.append(p)
+    launch files stay, and a file the package did not write is never touched. Everything is
+    checked before anything goes (files.remove). Returns what was removed."""
+    keep = ("accelerate.yaml", "ds_config.json", "job.sbatch", ".lock", "config.yaml")  # rendered by launch/submit, or held
+    targets = [run_dir / n for n in RUN_FILES if n not in keep] + [run_dir / n for n in RUN_DIRS]
+    targets += [run_dir / folder / name for folder, names in DERIVED_FILES.items() for name in names]
+    removed = remove(run_dir, targets, "--overwrite")
+    for folder in DERIVED_FILES:
         with_nothing_else = run_dir / folder
-        if with_nothing_else.is_dir() and not any(with_nothing_else.iterdir()):
+        if with_nothing_else.is_dir() and not with_nothing_else.is_symlink() and not any(with_nothing_else.iterdir()):
             with_nothing_else.rmdir()
     return removed
+
+
+def refuse_symlinks(run_dir: Path) -> None:
+    """A run's own files and folders are never symlinks: nothing is written or deleted through one
+    (a symlinked eval/ would let --overwrite delete outside output_dir, a symlinked metrics.jsonl
+    be appended to wherever it points)."""
+    for name in (*RUN_FILES, *RUN_DIRS, *DERIVED_FILES):
+        p = run_dir / name
+        if p.is_symlink():
+            raise RunDirError(
+                f"output_dir={run_dir}: {name} is a symlink (to {os.readlink(p)}); a run's own files and folders are "
+                "never written or deleted through a symlink; nothing was touched: replace it with the real "
+                "file or folder, or choose another output_dir")

@@ -55,3 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as e:  # a file or disk problem no command turned into its own line: still one line
+        if os.environ.get("RANK", "0") == "0":
+            from distributed_tune.files import write_problem
+
+            reason, fix = write_problem(e)
+            print(f"error: {e.filename or 'a file'}: {reason}; {fix}", file=sys.stderr)
+        return 2

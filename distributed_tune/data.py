@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from distributed_tune.files import atomic_open
+from distributed_tune.files import WriteError, atomic_open
 from distributed_tune.tasks import Example
 
 HELDOUT = "heldout"  # the split held out of train for model selection (data.heldout_fraction)
@@ -120,8 +120,9 @@ def tokenize(examples: list[Example], tokenizer: Any, max_length: int, cache_dir
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_open(path, "wb") as f:
                 np.savez(f, ids=ids, lengths=lengths, labels=out.labels, pad_id=np.int64(pad_id), **types)
-        except OSError as e:  # a cache is an optimisation: a full or read-only disk must not stop the run
-            say(f"could not cache the tokenized data in {path.parent} ({e.strerror or e}); going on without")
+        except (OSError, WriteError) as e:  # a cache is an optimisation: a full or read-only disk must not stop the run
+            say(f"could not cache the tokenized data in {path.parent} ({getattr(e, 'reason', None) or e.strerror or e}); "
+                "going on without")
     return out
 
 

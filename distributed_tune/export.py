@@ -16,9 +16,8 @@ full parameters), loaded on rank 0 into a fresh copy of the model: the training 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,47 +25,57 @@ import torch
 
 from distributed_tune import model_card
 from distributed_tune.errors import RunDirError
-from distributed_tune.files import atomic_write_json
+from distributed_tune.files import WriteError, atomic_write_json, remove, writing
 from distributed_tune.model import quiet_transformers
 
 MODEL_DIR, TMP_MODEL_DIR, TRAINING_INFO, ADAPTER_DIR = "model", ".tmp-model", "training_info.json", "adapter"
 
 
 def export_model(accelerator: Any, model: Any, tokenizer: Any, run_dir: Path, info: dict[str, Any],
-                 zero_stage: int | None, base_model: str | None = None) -> Path:
-    """Collective (every rank gathers under ZeRO-3); rank 0 writes. Returns run_dir/model."""
+                 zero_stage: int | None, base_model: str | None = None,
+                 extra: Callable[[Path], None] | None = None) -> Path:
+    """Collective (every rank gathers under ZeRO-3); rank 0 writes. `extra(folder)` writes more
+    files into the export before it is renamed into place (the model's own dev predictions).
+    Returns run_dir/model."""
     state = accelerator.get_state_dict(model)  # collective under ZeRO-3; None off rank 0
     out = run_dir / MODEL_DIR
     failure = [None]
     if accelerator.is_main_process:
         tmp = run_dir / TMP_MODEL_DIR
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            unwrapped = accelerator.unwrap_model(model)
-            if hasattr(unwrapped, "peft_config"):
-                with _no_zero_init(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)  # peft asks a deprecated transformers flag
-                    unwrapped, state = _merged(unwrapped, state, tokenizer, tmp / ADAPTER_DIR, base_model)
-            elif zero_stage == 3:
-                # Loading under ZeRO-3 records transformers' legacy renamings (LayerNorm gamma/beta),
-                # which save_pretrained would write back; the default mapping writes today's names.
-                unwrapped._weight_conversions = None
-            # One rule for every backend: the export is fp32. save_pretrained pops tensors out of
-            # the dict it gets: it gets its own.
-            fp32 = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-            unwrapped.config.dtype = torch.float32
-            with quiet_transformers():
-                unwrapped.save_pretrained(tmp, state_dict=fp32, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / TRAINING_INFO, info)
-            model_card.write(tmp, run_dir)  # model/README.md
-            shutil.rmtree(out, ignore_errors=True)
+            remove(run_dir, [tmp], "exporting the model")
+            with writing(tmp):
+                unwrapped = accelerator.unwrap_model(model)
+                if hasattr(unwrapped, "peft_config"):
+                    with _no_zero_init(), warnings.catch_warnings():
+                        warnings.simplefilter("ignore", FutureWarning)  # peft asks a deprecated transformers flag
+                        unwrapped, state = _merged(unwrapped, state, tokenizer, tmp / ADAPTER_DIR, base_model)
+                elif zero_stage == 3:
+                    # Loading under ZeRO-3 records transformers' legacy renamings (LayerNorm gamma/beta),
+                    # which save_pretrained would write back; the default mapping writes today's names.
+                    unwrapped._weight_conversions = None
+                # One rule for every backend: the export is fp32. save_pretrained pops tensors out of
+                # the dict it gets: it gets its own.
+                fp32 = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+                unwrapped.config.dtype = torch.float32
+                with quiet_transformers():
+                    unwrapped.save_pretrained(tmp, state_dict=fp32, safe_serialization=True)
+                    tokenizer.save_pretrained(tmp)
+                atomic_write_json(tmp / TRAINING_INFO, info)
+                model_card.write(tmp, run_dir)  # model/README.md
+                if extra is not None:
+                    extra(tmp)
+            remove(run_dir, [out], "exporting the model")
             tmp.replace(out)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            failure = [f"could not export the model to {out} ({e.strerror or e}); "
-                       f"{'the previous model/ is kept; ' if out.exists() else ''}free disk space and resume "
+        except (WriteError, OSError) as e:  # writing() turned any library's error into a WriteError
+            failed = e if isinstance(e, WriteError) else WriteError(out, e)
+            with contextlib.suppress(OSError, RunDirError):
+                remove(run_dir, [tmp], "cleaning up")
+            failure = [f"could not export the model to {out} ({failed.reason}); "
+                       f"{'the previous model/ is kept; ' if out.exists() else ''}{failed.fix} and resume "
                        "with --resume"]
+        except RunDirError as e:  # the deleter's refusal
+            failure = [str(e)]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 

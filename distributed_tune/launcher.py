@@ -117,7 +117,7 @@ def check_resumable(cfg: Config) -> None:
     splits the global batch may resume a run (its checkpoint is converted on load)."""
     if not cfg.resume:
         return
-    ckpt = checkpoint.latest_good(Path(cfg.output_dir), warn=lambda _: None)
+    ckpt = checkpoint.latest_good(Path(cfg.output_dir), warn=lambda _: None, resuming=True)
     if ckpt is None:
         return
     checkpoint.check_resumable(ckpt, checkpoint.read_trainer_state(ckpt), cfg)

@@ -47,6 +47,23 @@ def _load_error(cfg: ModelConfig, what: str, e: Exception) -> ModelError:
     return ModelError(f"model.name={cfg.name}: cannot load the {what}: {hint} ({_reason(e)})")
 
 
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def refuse_pickled_weights(folder: Path, key: str) -> None:
+    """Model folders are loaded from safetensors only: a pickled pytorch_model.bin can run code
+    when it is loaded, and weights_only loading refuses some as a traceback. One line instead."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED for p in folder.glob(pattern))
+    if pickled:
+        raise ModelError(
+            f"{key}: the folder holds only pickled weights ({', '.join(pickled)}), and model folders are loaded from "
+            "safetensors only (a pickle can run code when it is loaded); convert them where you trust them "
+            "(transformers: from_pretrained(folder, use_safetensors=False) then save_pretrained(folder)), or use "
+            "the model's model.safetensors")
+
+
 def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """from_pretrained arguments; without a reachable hub, only local files are tried, so that an
     offline run fails at once instead of after the hub client's retries (~45 s)."""
@@ -129,6 +146,7 @@ def load_model(cfg: ModelConfig, label_names: tuple[str, ...], regression: bool,
     its own shard, never a full copy of the model."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    refuse_pickled_weights(Path(cfg.name).expanduser(), f"model.name={cfg.name}")
     kwargs = _hub_kwargs(cfg)
     try:
         mcfg = AutoConfig.from_pretrained(cfg.name, **kwargs)
@@ -159,7 +177,7 @@ def load_model(cfg: ModelConfig, label_names: tuple[str, ...], regression: bool,
     try:
         with quiet_transformers():
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                cfg.name, config=mcfg, dtype=dtype, use_safetensors=None, ignore_mismatched_sizes=True,
+                cfg.name, config=mcfg, dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True,
                 output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise _load_error(cfg, "model weights", e) from None

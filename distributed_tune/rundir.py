@@ -12,7 +12,6 @@ The lock is released when `owned()` ends, whatever happened.
 from __future__ import annotations
 
 import contextlib
-import errno
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,9 @@ from typing import Any
 from distributed_tune import checkpoint, summary
 from distributed_tune.config import Config
 from distributed_tune.errors import RunDirError
-from distributed_tune.files import RunLock, atomic_write_json
+from distributed_tune.files import RunLock, WriteError, atomic_write_json, remove
 
 STOPPED = "STOPPED"  # marker: the run stopped for a signal with a checkpoint; a batch script requeues
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class RunDir:
@@ -36,16 +34,16 @@ class RunDir:
 
     @contextlib.contextmanager
     def owned(self) -> Iterator[None]:
+        """A write that fails anywhere inside (a full disk, a read-only file system, any library's
+        error while writing) ends the run with one line: the file, why, the checkpoint kept, the fix."""
         try:
             yield
-        except OSError as e:
-            if e.errno not in DISK_FULL:
-                raise
+        except (OSError, WriteError) as e:
+            failed = e if isinstance(e, WriteError) else WriteError(e.filename or "a file", e)
             last = checkpoint.latest_good(self.path, warn=lambda _: None)
             raise RunDirError(
-                f"could not write {e.filename or 'a file'} ({e.strerror}): the disk is full or a file size limit is "
-                f"reached; the newest complete checkpoint ({last or 'none yet'}) is kept; free disk space and "
-                "resume with --resume") from None
+                f"could not write {failed.path} ({failed.reason}); the newest complete checkpoint ({last or 'none yet'}) "
+                f"is kept; {failed.fix} and resume with --resume") from None
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -68,8 +66,7 @@ class RunDir:
     def new_attempt(self) -> None:
         """Rank 0, once the attempt is accepted: how the last attempt ended (STOPPED, results.json)
         no longer holds."""
-        for name in (STOPPED, summary.RESULTS_JSON):
-            (self.path / name).unlink(missing_ok=True)
+        remove(self.path, [self.path / STOPPED, self.path / summary.RESULTS_JSON], "a new attempt")
 
     def mark_stopped(self, signal_name: str, optimizer_step: int) -> None:
         """Rank 0: the run stopped for a signal, with this step's checkpoint (what a batch script requeues on)."""

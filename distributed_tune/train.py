@@ -209,6 +209,8 @@ class Recipe:
         cfg, run_dir = self.cfg, self.run_dir
         self.accelerator = acc = build_accelerator(cfg, project_dir=str(run_dir / "trackers"))
         self.is_main = acc.is_main_process
+        if self.is_main and not cfg.resume:
+            checkpoint.ensure_key()  # a fresh run: the key its checkpoints are sealed with (made if none)
         self.selection_split = HELDOUT if cfg.data.heldout_fraction > 0 else self.task.selection_split
         self.report = report = Reporter(acc, cfg, run_dir.path, self.task, self.selection_split)
         if cfg.resume and checkpoint.run_finished(run_dir.path) and not self.extends_finished_run():
@@ -295,7 +297,7 @@ class Recipe:
                             "resume with a larger train.max_steps (or train.epochs) to train it longer, or "
                             "--overwrite to train it again")
             return False
-        if checkpoint.latest_good(run_dir, warn=lambda _: None) is None:
+        if checkpoint.latest_good(run_dir, warn=lambda _: None, resuming=True) is None:
             raise RunDirError(f"output_dir={run_dir} holds a finished run without a complete checkpoint: it cannot be "
                               f"extended ({', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}); start a "
                               "new run in another output_dir")
@@ -338,9 +340,7 @@ class Recipe:
         if self.state.last_eval_step != p.optimizer_step:
             self.evaluate_and_select()
         if not self.cfg.train.select_best or not (self.run_dir / "model").exists():
-            out = self.export(reason="final")
-            if self.is_main and self.state.last_outputs is not None:  # the exported model's own predictions
-                self.write_predictions(self.state.last_outputs, out / "dev_predictions.jsonl")
+            self.export(reason="final", outputs=self.state.last_outputs)
         self.accelerator.wait_for_everyone()
         report.finished(p, outcome.value)
         report.final_block(outcome.value, p, self.state.last_eval_step)
@@ -541,9 +541,8 @@ class Recipe:
             value, collapsed = self.broadcast([sel.get(self.task.main_metric, 0.0), float(sel.get("collapsed", 0))])
             improved, stop = p.record_evaluation(value, bool(collapsed), cfg.early_stopping_patience)
             if improved and cfg.select_best:
-                out = self.export(reason=f"best {self.selection_split} {self.task.main_metric}")
-                if self.is_main:  # the exported model's own predictions travel with it
-                    self.write_predictions(result["outputs"], out / "dev_predictions.jsonl")
+                self.export(reason=f"best {self.selection_split} {self.task.main_metric}",
+                            outputs=result.get("outputs"))  # rank 0's
             if stop:
                 self.report.say(f"early stop: {self.selection_split} {self.task.main_metric} has not improved on "
                                 f"{p.best_value:.4f} (step {p.best_step}) for {p.evals_without_improvement} "
@@ -581,9 +580,12 @@ class Recipe:
                                self.cfg.train.keep_checkpoints)
 
     def resume(self) -> None:
-        ckpt = checkpoint.latest_good(self.run_dir.path, warn=self.report.say)
+        # Checkpoints that only another key could verify stop the resume here (one line), never a fresh start.
+        ckpt = checkpoint.latest_good(self.run_dir.path, warn=self.report.say, resuming=True)
         log = self.report.log
         if ckpt is None:
+            if self.is_main:
+                checkpoint.ensure_key()  # nothing to resume: a fresh start, with its key
             if self.is_main and log.path.is_file():
                 log.truncate_after(0)  # a fresh start gets a clean log
             self.report.say(f"resume: no complete checkpoint in {self.run_dir.path}; starting fresh")
@@ -615,12 +617,19 @@ class Recipe:
                             f"the {extension[1]}-step schedule from step {p.optimizer_step} on (now "
                             f"{self.scheduler.get_last_lr()[0]:.3g})")
 
-    def export(self, reason: str) -> Path:
-        """model/: the weights now, with training_info.json saying which step and why (collective)."""
+    def export(self, reason: str, outputs: np.ndarray | None = None) -> Path:
+        """model/: the weights now, with training_info.json saying which step and why, and the
+        model's own dev predictions (`outputs`), all in place at once (collective)."""
         p = self.state.progress
         info = {"selected": reason, "optimizer_step": p.optimizer_step, "epoch": p.epoch, "task": self.task.name,
                 "metric": f"{self.selection_split}/{self.task.main_metric}",
                 "value": p.best_value if reason != "final" else None, "run_dir": str(self.run_dir.path.resolve()),
                 **summary.exported_evaluation(self.run_dir.path, p.optimizer_step, self.selection_split)}
+
+        def predictions(folder: Path) -> None:
+            if outputs is not None:
+                self.write_predictions(outputs, folder / "dev_predictions.jsonl")
+
         return export_model(self.accelerator, self.model, self.tokenizer, self.run_dir.path, info,
-                            self.cfg.distributed.zero_stage, base_model=lora.base_name(self.cfg.model))
+                            self.cfg.distributed.zero_stage, base_model=lora.base_name(self.cfg.model),
+                            extra=predictions)

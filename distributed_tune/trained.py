@@ -107,8 +107,9 @@ def load_trained(target: Target, label_names: tuple[str, ...] | None = None) -> 
     from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
-    from distributed_tune.model import load_tokenizer, quiet_transformers
+    from distributed_tune.model import load_tokenizer, quiet_transformers, refuse_pickled_weights
 
+    refuse_pickled_weights(target.model_dir, str(target.model_dir))
     tokenizer = load_tokenizer(ModelConfig(name=str(target.model_dir)))
     task = target.cfg.task_spec
     names = label_names or task.label_names
@@ -118,7 +119,8 @@ def load_trained(target: Target, label_names: tuple[str, ...] | None = None) -> 
             if (target.model_dir / ADAPTER_CONFIG).is_file():
                 model = _merged_adapter(target.model_dir, names, task.regression, tokenizer.pad_token_id)
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(target.model_dir, dtype=torch.float32)
+                model = AutoModelForSequenceClassification.from_pretrained(target.model_dir, dtype=torch.float32,
+                                                                           use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"{target.model_dir}: cannot load the model ({reason}); "

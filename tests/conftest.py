@@ -9,11 +9,14 @@ skipped, with that reason, when it is unset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -98,6 +101,27 @@ def limit_file_size() -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+
+@contextlib.contextmanager
+def mounted(folder: Path, kind: str, size: str = "256k", source: Path | None = None) -> Iterator[bool]:
+    """`folder` as a real small disk (kind "tmpfs": a write past `size` fails with ENOSPC) or a
+    read-only view of `source` (kind "ro": a read-only bind mount; root ignores mode bits, not
+    these). Yields False where this machine cannot mount (then the caller skips or limits file
+    sizes instead); unmounted afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = (["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)] if kind == "tmpfs"
+           else ["mount", "--bind", "-o", "ro", str(source), str(folder)])
+    ok = shutil.which("mount") is not None and subprocess.run(cmd, capture_output=True).returncode == 0
+    if ok and kind == "ro" and subprocess.run(["touch", str(folder / ".probe")], capture_output=True).returncode == 0:
+        (folder / ".probe").unlink()  # an old kernel made the bind writable: not a read-only view
+        subprocess.run(["umount", str(folder)], capture_output=True)
+        ok = False
+    try:
+        yield ok
+    finally:
+        if ok:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def read_jsonl(path: Path) -> list[dict]:

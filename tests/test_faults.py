@@ -147,7 +147,8 @@ def test_sigterm_saves_without_requeue_then_disk_full_keeps_previous(tmp_path: P
     print(error)
     assert re.fullmatch(
         rf"error: could not save checkpoint {run_dir}/checkpoints/step_{k + 1:08d} \(.*File too large.*; \d+ MiB free "
-        rf"there\); the previous checkpoint {previous} is kept; free disk space and resume with --resume", error), error
+        rf"there\); the previous checkpoint {previous} is kept; raise the limit \(ulimit -f\) or free disk space and resume "
+        r"with --resume", error), error
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [previous.name]  # no .tmp-step_ left
     assert snapshot(previous) == before
 
@@ -161,6 +162,7 @@ def used_run(tmp_path: Path) -> Path:
     run = tmp_path / "used"
     (run / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run / "checkpoints" / "step_00000004" / "model.safetensors").write_bytes(b"weights" * 100)
+    checkpoint.ensure_key()  # the run that wrote it had made one
     checkpoint.write_manifest(run / "checkpoints" / "step_00000004")
     (run / "metrics.jsonl").write_text('{"optimizer_step": 4, "loss": 0.61}\n')
     (run / "config.yaml").write_text("seed: 1\n")

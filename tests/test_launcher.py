@@ -254,7 +254,7 @@ def test_zero_state_of_another_world_size_is_resumable_and_a_changed_recipe_is_n
     """A run directory with a (sealed) checkpoint of 2 ZeRO-2 processes, relaunched with 4: with another
     learning rate refused before anything starts, nothing rendered; with its own recipe accepted (the
     processes convert the shards on load)."""
-    from distributed_tune.checkpoint import trajectory, write_manifest
+    from distributed_tune.checkpoint import ensure_key, trajectory, write_manifest
     from distributed_tune.config import load_config
     from distributed_tune.launcher import check_resumable
 
@@ -264,6 +264,7 @@ def test_zero_state_of_another_world_size_is_resumable_and_a_changed_recipe_is_n
     saved = trajectory(load_config(None, args))
     (ckpt / "trainer_state.json").write_text(json.dumps({"world_size": 2, "zero_stage": 2, "optimizer_step": 4,
                                                          "trajectory": saved}))
+    ensure_key()  # the run that wrote it had made one
     write_manifest(ckpt)
     proc = launch(["--gpus", "4", "--resume", *args, "train.lr=1e-4"], tmp_path)
     assert proc.returncode == 2
@@ -280,7 +281,7 @@ def test_zero_state_of_another_world_size_is_resumable_and_a_changed_recipe_is_n
 def test_a_zero3_checkpoint_from_before_the_weight_decay_fix_is_refused(tmp_path: Path) -> None:
     """Partitioned before the optimizer saw them, ZeRO-3 parameters all looked 1-D: no weight decay at
     all. Such a checkpoint (no `weight_decay_groups` in its state) cannot continue the fixed recipe."""
-    from distributed_tune.checkpoint import trajectory, write_manifest
+    from distributed_tune.checkpoint import ensure_key, trajectory, write_manifest
     from distributed_tune.config import load_config
 
     args = ["distributed.zero_stage=3", "train.global_batch_size=32", "train.micro_batch_size=8"]
@@ -288,6 +289,7 @@ def test_a_zero3_checkpoint_from_before_the_weight_decay_fix_is_refused(tmp_path
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text(json.dumps({"world_size": 2, "zero_stage": 3, "optimizer_step": 4,
                                                          "trajectory": trajectory(load_config(None, args))}))
+    ensure_key()  # the run that wrote it had made one
     write_manifest(ckpt)
     proc = launch(["--gpus", "2", "--resume", *args], tmp_path)
     assert proc.returncode == 2

@@ -11,6 +11,7 @@ line printed, and compares the bytes and mtimes of what was on disk before (the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, limit_file_size, read_jsonl, run_cli, snapshot, subprocess_env, train_losses
+from conftest import REPO, limit_file_size, mounted, read_jsonl, run_cli, snapshot, subprocess_env, train_losses
 from shims.harness import loss_steps
 
 from distributed_tune import checkpoint
@@ -258,6 +259,104 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run_and_the_model_being_tuned(
     assert snapshot(run, LOCK) == before
 
 
+@pytest.mark.parametrize("name", ["eval", "report", "checkpoints", "model", "metrics.jsonl"])
+def test_nothing_is_deleted_or_written_through_a_symlinked_folder_of_the_run(
+        finished: Path, tiny_model: Path, cola_dir: Path, cache_dir: Path, tmp_path: Path, name: str) -> None:
+    """--overwrite once deleted eval/metrics.json through a symlinked eval/ (outside output_dir),
+    and with checkpoints/ or model/ a symlink it failed after deleting metrics.jsonl."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for file in ("metrics.json", "predictions.jsonl", "report.md", "training.png"):
+        (outside / file).write_text("the user's")
+    real = run / name
+    if real.exists():
+        shutil.move(real, outside / name)
+    real.symlink_to(outside / name if (outside / name).exists() else outside)
+    before, before_outside = snapshot(run, LOCK), snapshot(outside)
+    for flag in ("--overwrite", "--resume"):
+        proc = run_cli([flag, *args_for(tiny_model, cola_dir, cache_dir, run)], check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert last_line(proc) == (
+            f"error: output_dir={run}: {name} is a symlink (to {os.readlink(real)}); a run's own files and folders are "
+            "never written or deleted through a symlink; nothing was touched: replace it with the real file or folder, "
+            "or choose another output_dir")
+        assert snapshot(run, LOCK) == before and snapshot(outside) == before_outside
+        assert "Traceback" not in proc.stderr
+
+
+def test_the_deleter_checks_every_path_before_deleting_any(tmp_path: Path) -> None:
+    from distributed_tune.errors import RunDirError
+    from distributed_tune.files import remove
+
+    run = tmp_path / "run"
+    (run / "a").mkdir(parents=True)
+    (run / "a" / "f").write_text("x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "g").write_text("y")
+    (run / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(RunDirError, match=f"{run}/link is a symlink .*nothing was deleted"):
+        remove(run, [run / "a", run / "link" / "g"], "test")
+    with pytest.raises(RunDirError, match="is not inside"):
+        remove(run, [run / "a", tmp_path / "elsewhere"], "test")
+    assert (run / "a" / "f").exists() and (tmp_path / "elsewhere" / "g").exists()
+    assert remove(run, [run / "link"], "test") == [run / "link"]  # a symlink itself: only the link goes
+    assert (tmp_path / "elsewhere" / "g").exists()
+
+
+def test_a_full_disk_during_the_export_is_one_line_and_leaves_no_tmp_model(tiny_model: Path, cola_dir: Path,
+                                                                           cache_dir: Path, tmp_path: Path) -> None:
+    """A real small disk (tmpfs) sized to fill up in the middle of model/."""
+    args = args_for(tiny_model, cola_dir, cache_dir, tmp_path / "warm", "train.max_steps=4")
+    run_cli(args)  # the same run on a big disk: how much it writes
+    warm = tmp_path / "warm"
+
+    def pages(folder: Path) -> int:
+        return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+    # The best model is exported at the evaluation, before the step's checkpoint is saved.
+    size = pages(warm) - pages(warm / "checkpoints") - pages(warm / "model") // 2
+    disk = tmp_path / "disk"
+    with mounted(disk, "tmpfs", size=str(size)) as ok:
+        if not ok:
+            pytest.skip("cannot mount a tmpfs here")
+        run = disk / "run"
+        proc = run_cli([*args, f"output_dir={run}"], check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert last_line(proc) == (f"error: could not export the model to {run}/model (No space left on device: the disk "
+                                   "is full); free disk space and resume with --resume")
+        assert "Traceback" not in proc.stderr
+        assert not (run / ".tmp-model").exists() and not (run / "model").exists()
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml", "data_fingerprint.json", "metrics.jsonl",
+                                                         "predictions.jsonl"]
+
+
+@pytest.mark.parametrize("disk", ["read-only", "full"])
+def test_predict_and_evaluate_out_on_a_disk_that_takes_nothing(finished: Path, tmp_path: Path, disk: str) -> None:
+    place = tmp_path / "place"
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "kept.txt").write_text("the user's")
+    with mounted(place, "ro" if disk == "read-only" else "tmpfs", size="64k", source=source) as ok:
+        if not ok:
+            pytest.skip("cannot mount here")
+        if disk == "full":
+            with contextlib.suppress(OSError):
+                (place / "filler").write_bytes(b"x" * 200_000)
+        before = snapshot(place)
+        why = ("Read-only file system: the file system is read-only); make it writable or choose a writable place"
+               if disk == "read-only" else "No space left on device: the disk is full); free disk space")
+        proc = run_cli(["predict", str(finished), "a sentence", "--out", str(place / "p.jsonl")], check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert last_line(proc) == f"error: could not write {place}/p.jsonl ({why}"
+        proc = run_cli(["evaluate", str(finished), "--out", str(place / "eval")], check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert last_line(proc).startswith(f"error: could not write {place}/eval"), last_line(proc)
+        assert last_line(proc).endswith(f"({why}"), last_line(proc)
+        assert snapshot(place) == before and "Traceback" not in proc.stderr
+
+
 # --------------------------------------------------------------------------- one line, not a traceback
 
 
@@ -294,6 +393,30 @@ def test_bad_files_and_folders_are_one_line(tiny_model: Path, cola_dir: Path, ca
         assert "Traceback" not in proc.stderr, (name, proc.stderr[-3000:])
 
 
+def test_a_model_folder_with_only_a_pickled_bin_is_one_line(tiny_model: Path, cola_dir: Path, cache_dir: Path,
+                                                           tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    before = snapshot(folder)
+    why = ("the folder holds only pickled weights (pytorch_model.bin), and model folders are loaded from safetensors "
+           "only (a pickle can run code when it is loaded); convert them where you trust them (transformers: "
+           "from_pretrained(folder, use_safetensors=False) then save_pretrained(folder)), or use the model's "
+           "model.safetensors")
+    run = tmp_path / "run"
+    for args, key in ((args_for(folder, cola_dir, cache_dir, run), f"model.name={folder}"),
+                      (["predict", str(folder), "a sentence"], str(folder)),
+                      (["evaluate", str(folder), f"data.source={cola_dir}"], str(folder))):
+        proc = run_cli(args, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert last_line(proc) == f"error: {key}: {why}" and "Traceback" not in proc.stderr
+    assert not run.exists() and snapshot(folder) == before
+
+
 def test_a_full_disk_after_training_is_one_line_and_leaves_no_half_file(tiny_model: Path, cola_dir: Path,
                                                                         cache_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
@@ -305,8 +428,8 @@ def test_a_full_disk_after_training_is_one_line_and_leaves_no_half_file(tiny_mod
                           preexec_fn=limit_file_size)  # predictions (~150 kB) cannot be written
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert last_line(proc) == (
-        f"error: could not write {run}/predictions.jsonl (File too large): the disk is full or a file size limit is "
-        "reached; the newest complete checkpoint (none yet) is kept; free disk space and resume with --resume")
+        f"error: could not write {run}/predictions.jsonl (File too large: a file size limit is reached); the newest "
+        "complete checkpoint (none yet) is kept; raise the limit (ulimit -f) or free disk space and resume with --resume")
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml", "data_fingerprint.json", "metrics.jsonl"]
 
@@ -406,13 +529,100 @@ def test_a_checkpoint_sealed_by_someone_else_is_never_loaded(finished: Path, tin
     target = next(p for p in ckpt.iterdir() if p.suffix in (".pkl", ".bin", ".pt"))
     target.write_bytes(pickle.dumps(Payload(marker)))
     monkeypatch.setenv(checkpoint.KEY_ENV, str(tmp_path / "attacker.key"))
+    checkpoint.ensure_key()
     checkpoint.write_manifest(ckpt)
     monkeypatch.delenv(checkpoint.KEY_ENV)
-    proc = run_cli(["--resume", *args_for(tiny_model, cola_dir, cache_dir, run)])
+    before = snapshot(run, LOCK)
+    proc = run_cli(["--resume", *args_for(tiny_model, cola_dir, cache_dir, run)], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert (f"checkpoint {ckpt} is damaged: its manifest is not sealed with this user's checkpoint key "
-            f"({checkpoint.key_path()})") in proc.stderr
-    assert f"resume: no complete checkpoint in {run}; starting fresh" in proc.stderr
-    assert not marker.exists()
+            f"({checkpoint.key_path()})") not in proc.stderr  # the old wording
+    assert last_line(proc) == unverifiable_line(run, "step_00000004", checkpoint.key_path(), "sealed with another key")
+    assert not marker.exists() and snapshot(run, LOCK) == before  # nothing unpickled, nothing started over it
     # Sealed with our own key, the same bytes would be trusted: the seal, not the sha256, decides.
     assert checkpoint.verify(finished / "checkpoints" / "step_00000004") is None
-    assert train_losses(run)[:4] == train_losses(finished)[:4]
+
+
+def unverifiable_line(run: Path, names: str, key: Path, why: str) -> str:
+    return (f"error: resume: the complete checkpoints {names} in {run}/checkpoints cannot be verified with the "
+            f"checkpoint key {key} ({why}); nothing was started and they are kept: point DT_CHECKPOINT_KEY at the key "
+            "they were sealed with (on a cluster every node must see the same key), or start fresh with --overwrite "
+            "instead of --resume (that deletes them)")
+
+
+@pytest.mark.parametrize("key", ["another", "missing"])
+def test_a_resume_under_another_or_no_key_stops_and_keeps_the_run(finished: Path, tiny_model: Path, cola_dir: Path,
+                                                                  cache_dir: Path, tmp_path: Path, key: str) -> None:
+    """SLURM always passes --resume: a node whose key differs (or lacks it) must not start the run over."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "model")  # as if stopped before the end: there is something to resume
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(metrics) if "event" not in r))
+    key_file = tmp_path / "keys" / "checkpoint.key"
+    if key == "another":
+        key_file.parent.mkdir()
+        key_file.write_text("f" * 64)
+        key_file.chmod(0o600)
+    before = snapshot(run, LOCK)
+    env = subprocess_env(DT_CHECKPOINT_KEY=str(key_file))
+    proc = run_cli(["--resume", *args_for(tiny_model, cola_dir, cache_dir, run)], check=False, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    why = "sealed with another key" if key == "another" else f"checkpoint key {key_file} does not exist"
+    assert last_line(proc) == unverifiable_line(run, "step_00000004, step_00000008", key_file, why)
+    assert snapshot(run, LOCK) == before and "Traceback" not in proc.stderr
+    assert key_file.exists() == (key == "another")  # a resume never creates a key
+    # launch says the same before it starts anything
+    proc = run_cli(["launch", "--resume", *args_for(tiny_model, cola_dir, cache_dir, run)], check=False, env=env)
+    assert proc.returncode == 2 and last_line(proc) == unverifiable_line(run, "step_00000004, step_00000008",
+                                                                         key_file, why)
+    assert snapshot(run, LOCK) == before
+
+
+@pytest.mark.parametrize("content, mode, line", [
+    ("", 0o600, "is empty: a seal under it can be forged; it needs at least 32 bytes"),
+    ("0123456789abcdef", 0o600, "is too short (16 bytes): a seal under it can be forged; it needs at least 32 bytes"),
+    ("f" * 64, 0o644, "can be read by group or others (mode 0644): whoever reads it can seal a checkpoint that this "
+                      "user loads (its pickles run code); chmod 600 "),
+])
+def test_an_unusable_key_is_refused_before_anything_is_written(tiny_model: Path, cola_dir: Path, cache_dir: Path,
+                                                               tmp_path: Path, content: str, mode: int,
+                                                               line: str) -> None:
+    key_file = tmp_path / "checkpoint.key"
+    key_file.write_text(content)
+    key_file.chmod(mode)
+    run = tmp_path / "run"
+    proc = run_cli(args_for(tiny_model, cola_dir, cache_dir, run), check=False,
+                   env=subprocess_env(DT_CHECKPOINT_KEY=str(key_file)))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last_line(proc).startswith(f"error: checkpoint key {key_file} {line}"), last_line(proc)
+    assert not run.exists() and key_file.read_text() == content and "Traceback" not in proc.stderr
+
+
+def test_a_fresh_run_creates_its_key_whole_and_private(tiny_model: Path, cola_dir: Path, cache_dir: Path,
+                                                       tmp_path: Path) -> None:
+    key_file = tmp_path / "new" / "checkpoint.key"
+    run_cli([*args_for(tiny_model, cola_dir, cache_dir, tmp_path / "run"), "train.max_steps=4"],
+            env=subprocess_env(DT_CHECKPOINT_KEY=str(key_file)))
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_text()) == 64
+    assert [p.name for p in key_file.parent.iterdir()] == ["checkpoint.key"]  # no temporary file left
+
+
+def test_a_file_added_to_a_checkpoint_fails_it_and_the_damaged_one_is_kept(finished: Path, tiny_model: Path,
+                                                                         cola_dir: Path, cache_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    run = interrupted_copy(finished, tmp_path / "run")
+    ckpt = run / "checkpoints" / "step_00000004"
+    (ckpt / "extra.pkl").write_bytes(pickle.dumps(Payload(tmp_path / "pwned")))
+    damaged = snapshot(ckpt)
+    proc = run_cli(["--resume", *args_for(tiny_model, cola_dir, cache_dir, run)])
+    assert (f"checkpoint {ckpt} is damaged: extra.pkl is not in its manifest (added after it was sealed); trying the "
+            "previous one") in proc.stderr
+    assert f"resume: no complete checkpoint in {run}; starting fresh" in proc.stderr
+    assert not (tmp_path / "pwned").exists()
+    # The fresh start reached step 4 again: its new checkpoint did not overwrite the damaged one.
+    aside = run / "checkpoints" / "damaged-step_00000004"
+    assert snapshot(aside) == damaged
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "damaged-step_00000004", "step_00000004", "step_00000008"]
+    assert train_losses(run) == train_losses(finished)

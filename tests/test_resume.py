@@ -113,6 +113,7 @@ def test_rotation_keeps_the_new_checkpoint_beside_a_damaged_newer_one(tmp_path: 
     acc = Accelerator(cpu=True)
     net = torch.nn.Linear(2, 2)
     acc.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    checkpoint.ensure_key()  # as a fresh run does
     for step in (1, 2):
         checkpoint.save(acc, tmp_path, step, {"optimizer_step": step}, keep=2)
     damaged = tmp_path / "checkpoints" / checkpoint.checkpoint_name(5)

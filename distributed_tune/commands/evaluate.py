@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_tune.errors import ConfigError, DataError
-from distributed_tune.files import atomic_write_json, atomic_write_jsonl
+from distributed_tune.files import atomic_write_json, atomic_write_jsonl, make_dirs
 from distributed_tune.trained import Target, load_trained, resolve_target
 
 COMBINED_TSV = "combined"
@@ -115,7 +115,7 @@ def write_outputs(out: Path, result: dict[str, Any], target: Target, label_names
     from distributed_tune.evaluation import example_fields, prediction_row
 
     task = target.cfg.task_spec
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     # index: the position in the evaluation set (as in the run's predictions.jsonl) or in its TSV file.
     counters: dict[str, int] = {}
     rows = []

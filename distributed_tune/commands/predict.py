@@ -103,7 +103,7 @@ class Predictor:
 
 def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
     """The task's test splits -> GLUE submission files."""
-    from distributed_tune.files import atomic_write_text
+    from distributed_tune.files import atomic_write_text, make_dirs
 
     task = target.cfg.task_spec
     data = task.read(target.cfg.data)
@@ -112,7 +112,7 @@ def write_submission(target: Any, out_dir: Path, batch_size: int) -> int:
                         "test.tsv, or the hub copy); point data.source at GLUE's files or use hub")
     from distributed_tune.evaluation import predictions
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     predictor = Predictor(target)  # one model load for every test split (MNLI has two)
     for split, examples in data.test.items():
         preds = predictions(task, predictor(examples, batch_size))
@@ -143,7 +143,7 @@ def run(argv: list[str]) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} must be at least 1")
     from distributed_tune.evaluation import prediction_row
-    from distributed_tune.files import atomic_write_jsonl
+    from distributed_tune.files import atomic_write_jsonl, make_dirs
 
     target = resolve_target(args.target, args.overrides)
     if args.glue_submission:
@@ -163,7 +163,7 @@ def run(argv: list[str]) -> int:
         rows.append(row)
     if args.out:
         out = Path(args.out).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(out.parent)
         atomic_write_jsonl(out, rows)
         if task.regression:
             print(f"wrote {len(rows)} predictions to {out}")

@@ -25,7 +25,7 @@ from distributed_tune import records
 from distributed_tune import sweeps as sweeps
 from distributed_tune.config import load_config
 from distributed_tune.errors import ConfigError, RunDirError
-from distributed_tune.files import atomic_write_text
+from distributed_tune.files import atomic_open, atomic_write_text, make_dirs
 from distributed_tune.tasks import Task
 
 DPI = 100
@@ -113,7 +113,8 @@ def plot_training(runs: list[Run], path: Path) -> None:
     if len(runs) > 1:
         ax_loss.legend(loc="upper right", fontsize="small", ncol=min(len(runs), 4))
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_open(path, "wb") as f:  # a full disk leaves no half-written picture
+        fig.savefig(f, dpi=DPI, format="png")
     plt.close(fig)
 
 
@@ -150,7 +151,8 @@ def plot_evaluation(kind: str, runs: list[Run], task: Task, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small", ncol=2 if len(runs) > 5 else 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_open(path, "wb") as f:  # a full disk leaves no half-written picture
+        fig.savefig(f, dpi=DPI, format="png")
     plt.close(fig)
 
 
@@ -194,7 +196,8 @@ def plot_confusion(runs: list[Run], task: Task, label_names: list[str], path: Pa
     sep = "\n" if cols == 1 else " "  # one narrow panel: two lines, or the title is cut off
     fig.suptitle(f"Confusion matrix of the last evaluation{sep}(counts, % of n)")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with atomic_open(path, "wb") as f:  # a full disk leaves no half-written picture
+        fig.savefig(f, dpi=DPI, format="png")
     plt.close(fig)
 
 
@@ -283,7 +286,7 @@ def render_markdown(kind: str, target: Path, runs: list[Run], task: Task, config
 
 def write_report(target: Path, out: Path) -> tuple[str, list[Path]]:
     kind, runs, task, config = find_runs(target)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     images = {
         "training.png": "Training loss and learning rate per optimizer step",
         "evaluation.png": f"{task.main_metric} over optimizer steps" + (" (one line per run)" if kind == "sweep" else ""),
