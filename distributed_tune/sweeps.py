@@ -22,6 +22,7 @@ from distributed_tune.summary import RunResult, describe, fmt, honest, pick_winn
 
 SUMMARY_JSON, SUMMARY_MD, SWEEP_JSON, SBATCH = "sweep_summary.json", "sweep_summary.md", "sweep.json", "sweep.sbatch"
 RESERVED = ("seed", "output_dir", "resume", "overwrite")
+SWEEP_LOCK = ".sweep.lock"  # held by the sweep running in the folder
 
 
 @dataclass(frozen=True)

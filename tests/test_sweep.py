@@ -276,3 +276,31 @@ def test_a_stop_signal_to_the_sweep_stops_it_after_the_run_saved(tiny_model: Pat
     for seed in (42, 43):
         steps = [r["optimizer_step"] for r in evals(sweep_dir / f"seed_{seed}") if r["split"] == "dev"]
         assert steps[-1] == 600, (seed, steps)
+
+
+def test_two_identical_sweeps_at_once_the_second_is_refused_and_the_first_finishes(
+        tiny_model: Path, cola_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """Both used to exit 1 though every seed finished: each found the other's run locked."""
+    import subprocess
+    import sys
+    import time
+
+    sweep_dir = tmp_path / "s"
+    cmd = [sys.executable, "-m", "distributed_tune", "sweep", "--seeds", "2", f"model.name={tiny_model}",
+           f"data.source={cola_dir}", f"data.cache_dir={cache_dir}", "train.max_steps=4", "train.eval_every=0",
+           "train.global_batch_size=16", f"output_dir={sweep_dir}"]
+    log = tmp_path / "first.log"
+    with log.open("w") as sink:
+        first = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (sweep_dir / "sweep.json").is_file():
+        assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    second = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.strip().startswith(f"error: output_dir={sweep_dir} is in use by a running sweep (host ")
+    assert second.stderr.strip().endswith("wait for it to end (rerun the same command then: finished runs are "
+                                          "skipped), stop it, or choose another output_dir")
+    assert first.wait(timeout=600) == 0, log.read_text()[-3000:]
+    again = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("already finished") == 2, again.stdout

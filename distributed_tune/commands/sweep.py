@@ -39,11 +39,12 @@ from typing import Any
 from distributed_tune import checkpoint
 from distributed_tune.config import load_config
 from distributed_tune.errors import ConfigError, RunDirError
-from distributed_tune.files import atomic_write_json, atomic_write_text
+from distributed_tune.files import RunLock, atomic_write_json, atomic_write_text, make_dirs, remove
 from distributed_tune.sweeps import (
     RESERVED,
     SBATCH,
     SWEEP_JSON,
+    SWEEP_LOCK,
     Sweep,
     check_run_matches,
     check_same_sweep,
@@ -138,11 +139,28 @@ def run(argv: list[str]) -> int:
     sha = hashlib.sha256(Path(args.config).read_bytes()).hexdigest() if args.config else None
     sweep = Sweep(args.config, sha, tuple(args.overrides), grid, tuple(range(first, first + args.seeds)))
     sweep_dir = Path(cfg.output_dir)
+    # One sweep per folder at a time: a second one started alongside would find each run locked
+    # by the first and report every seed failed. It is refused at once, in one line.
+    lock = RunLock(sweep_dir, SWEEP_LOCK)
+    if not args.dry_run:
+        make_dirs(sweep_dir)
+        try:
+            lock.acquire()
+        except RunDirError:
+            raise RunDirError(f"output_dir={sweep_dir} is in use by a running sweep ({lock.holder()}); wait for it "
+                              "to end (rerun the same command then: finished runs are skipped), stop it, or choose "
+                              "another output_dir") from None
+    try:
+        return sweep_locked(args, argv, cfg, sweep, sweep_dir)
+    finally:
+        lock.release()
+
+
+def sweep_locked(args: argparse.Namespace, argv: list[str], cfg: Any, sweep: Sweep, sweep_dir: Path) -> int:
     if args.overwrite and sweep_dir.is_dir() and not args.dry_run:
-        for _, _, run_dir in Sweep.from_json(json.loads((sweep_dir / SWEEP_JSON).read_text())).runs(sweep_dir) \
-                if (sweep_dir / SWEEP_JSON).is_file() else []:
-            if run_dir.is_dir() and checkpoint.looks_like_a_run(run_dir):
-                shutil.rmtree(run_dir)
+        runs = [run_dir for _, _, run_dir in Sweep.from_json(json.loads((sweep_dir / SWEEP_JSON).read_text())).runs(
+            sweep_dir)] if (sweep_dir / SWEEP_JSON).is_file() else []
+        remove(sweep_dir, [r for r in runs if r.is_dir() and checkpoint.looks_like_a_run(r)], "sweep --overwrite")
     else:
         check_same_sweep(sweep_dir, sweep)
     plans = []
@@ -151,7 +169,7 @@ def run(argv: list[str]) -> int:
         expected = load_config(args.config, overrides)
         check_run_matches(run_dir, expected)
         plans.append((setting, seed, run_dir, overrides, expected))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(sweep_dir)
     atomic_write_json(sweep_dir / SWEEP_JSON, sweep.to_json())
     print(f"[sweep] {len(sweep.settings())} setting(s) x {len(sweep.seeds)} seed(s) = {len(plans)} runs in {sweep_dir}")
     if args.slurm:
