@@ -189,7 +189,8 @@ class Fp16Config:
 
 @dataclass(frozen=True)
 class BaseConfig:
-    seed: int = key(42, resume="fixed")
+    seed: int = key(42, resume="fixed", check=Check(lambda v: 0 <= v < 2**64, "must be between 0 and 2**64 - 1 "
+                                                  "(torch and numpy take no other seed)"))
     """Seeds the model head, the data order (seed, epoch) and dropout (seed, step, micro-batch)."""
     task: str = key("cola", resume="fixed", trainer="task_name")
     """cola, a GLUE task as `datasets` names it (sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), or
@@ -533,6 +534,38 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _refuse_duplicates(node: yaml.Node, path: Path, keys: tuple[str, ...] = ()) -> None:
+    """A key given twice in one mapping (two `train:` blocks, `lr` twice): PyYAML keeps the last
+    one and the first one's settings vanish. Refused, naming both lines."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else key.start_mark.line
+            line = key.start_mark.line + 1
+            if name in seen and name != "<<":
+                dotted = ".".join((*keys, str(name)))
+                raise ConfigError(f"{path}:{line}: key '{dotted}' is given twice (lines {seen[name]} and {line}); "
+                                  "only the last would be used: keep one")
+            seen[name] = line
+            _refuse_duplicates(value, path, (*keys, str(name)))
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicates(item, path, keys)
+
+
+def load_yaml_text(text: str, path: Path) -> Any:
+    """yaml.safe_load, with duplicate keys refused (file:line, both lines)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        _refuse_duplicates(node, path)
+        return loader.construct_document(node) or {}
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
@@ -544,7 +577,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(not_utf8(path, e)) from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml_text(text, path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

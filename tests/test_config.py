@@ -246,3 +246,40 @@ def test_every_key_declares_its_rules_on_the_field() -> None:
            "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}
     supplied = set(accelerate_settings(env))
     assert supplied == {k for k, info in KEYS.items() if info.accelerate}, supplied
+
+
+@pytest.mark.parametrize("text, line", [
+    ("train:\n  lr: 1.0e-3\n  epochs: 2\nseed: 3\ntrain:\n  epochs: 5\n",
+     "{f}:5: key 'train' is given twice (lines 1 and 5); only the last would be used: keep one"),
+    ("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "{f}:3: key 'train.lr' is given twice (lines 2 and 3); only the last would "
+                                            "be used: keep one"),
+    ("seed: 1\nseed: 1\n", "{f}:2: key 'seed' is given twice (lines 1 and 2); only the last would be used: keep one"),
+])
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path, text: str, line: str) -> None:
+    """PyYAML keeps the last of two equal keys: the first `train:` block's settings vanished."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    cfg = write(tmp_path, text)
+    for command in (["config"], ["train", f"output_dir={tmp_path / 'run'}"]):
+        proc = subprocess.run([sys.executable, "-m", "distributed_tune", command[0], "--config", str(cfg), *command[1:]],
+                              capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"error: {line.format(f=cfg)}", proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_torch_or_numpy_cannot_take_is_refused_before_anything_is_written(tmp_path: Path, seed: str) -> None:
+    """seed=-1 once crashed in numpy's SeedSequence after config.yaml was written."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    proc = subprocess.run([sys.executable, "-m", "distributed_tune", f"seed={seed}", f"output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: seed={seed} must be between 0 and 2**64 - 1 (torch and numpy take no other seed)"), proc.stderr
+    assert not (tmp_path / "run").exists()
