@@ -356,3 +356,98 @@ def test_eval_shards_cover_each_example_once_with_equal_counts(world: int) -> No
     real = np.concatenate([s[s >= 0] for s in shards])
     assert sorted(real.tolist()) == list(range(1043))
     assert sum((s < 0).sum() for s in shards) == len(shards[0]) * world - 1043
+
+
+# --------------------------------------------------------------------------- data rules (README "Data rules")
+
+
+def custom_files(cola_raw: Path, folder: Path, ext: str, edit=None) -> tuple[Path, Path]:
+    """train/validation files of task=custom from the CoLA test rows: text + label (strings)."""
+    import csv
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for split, name in (("train", "in_domain_train.tsv"), ("validation", "in_domain_dev.tsv")):
+        rows[split] = [{"text": line.split("\t")[3], "label": ["bad", "good"][int(line.split("\t")[1])]}
+                       for line in (cola_raw / name).read_text().splitlines()]
+    if edit:
+        edit(rows)
+    paths = []
+    for split, items in rows.items():
+        path = folder / f"{split}.{ext}"
+        if ext == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in items))
+        else:
+            with path.open("w", newline="") as f:
+                w = csv.writer(f, delimiter="," if ext == "csv" else "\t", lineterminator="\n")
+                w.writerow(["text", "label"])
+                w.writerows([[r["text"], r["label"]] for r in items])
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _set(split: str, i: int, key: str, value):
+    def edit(rows):
+        rows[split][i][key] = value
+    return edit
+
+
+RULES = {
+    # case: (format, edit, the line after "error: <file>:")
+    "JSONL null text": ("jsonl", _set("train", 4, "text", None),
+                        "5: field 'text' text is null, not a string; write the text, or remove the line"),
+    "JSONL number text": ("jsonl", _set("validation", 0, "text", 7),
+                          "1: field 'text' text is int 7, not a string; write the text, or remove the line"),
+    "CSV NaN label": ("csv", _set("train", 2, "label", "NaN"),
+                      "4: label 'NaN' reads as a missing value, not a class; give the row its label or remove it"),
+    "TSV label with spaces": ("tsv", _set("train", 0, "label", "good "),
+                              "2: label 'good ' has spaces around it; write it without them"),
+    "JSONL float label": ("jsonl", _set("train", 1, "label", 1.0),
+                          "2: label 1.0 in 'label' is not a class name or an integer; write the class as a string or "
+                          "an integer"),
+    "CSV numbers and words": ("csv", _set("train", 6, "label", "1"),
+                              "8: label '1' is an integer, but {train}:2 has the word 'good': labels are taken as "
+                              "written, so these would be different classes; write every label the same way"),
+    "JSONL 1 and \"1\"": ("jsonl", lambda rows: [r.update(label=int(r["label"] == "good"))
+                                                for r in rows["train"] + rows["validation"]]
+                          and rows["train"][3].update(label="1"),
+                          "4: label '1' is an integer, but {train}:1 has the JSON integer 1: labels are taken as "
+                          "written, so these would be different classes; write every label the same way"),
+    "header-only train": ("csv", lambda rows: rows["train"].clear(),
+                          " no rows after the header line; add examples (one per line)"),
+    "header-only dev": ("tsv", lambda rows: rows["validation"].clear(),
+                        " no rows after the header line; add examples (one per line)"),
+}
+
+
+@pytest.mark.parametrize("case", list(RULES))
+def test_data_is_taken_as_written_or_refused_with_file_and_line(cola_raw: Path, tiny_model: Path, cache_dir: Path,
+                                                                tmp_path: Path, case: str) -> None:
+    from conftest import run_cli, snapshot
+
+    ext, edit, line = RULES[case]
+    train, dev = custom_files(cola_raw, tmp_path / "data", ext, edit)
+    before = snapshot(tmp_path / "data")
+    proc = run_cli(["task=custom", f"custom.train_file={train}", f"custom.validation_file={dev}", "custom.text_fields=[text]",
+                    f"model.name={tiny_model}", f"data.cache_dir={cache_dir}", f"output_dir={tmp_path / 'run'}"],
+                   check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    bad = dev if case in ("JSONL number text", "header-only dev") else train
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"error: {bad}:{line.format(train=train)}", last
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    assert snapshot(tmp_path / "data") == before
+
+
+def test_a_csv_field_over_131072_characters_is_taken(cola_raw: Path, tiny_model: Path, cache_dir: Path,
+                                                     tmp_path: Path) -> None:
+    """The csv module's default field limit refused it as "not valid CSV"; JSONL took it."""
+    from conftest import run_cli
+
+    long_text = " ".join(["The happy sailors saw the birds."] * 5000)  # 164,999 characters
+    train, dev = custom_files(cola_raw, tmp_path / "data", "csv", _set("train", 0, "text", long_text))
+    run_cli(["task=custom", f"custom.train_file={train}", f"custom.validation_file={dev}", "custom.text_fields=[text]",
+             f"model.name={tiny_model}", f"data.cache_dir={cache_dir}", f"output_dir={tmp_path / 'run'}",
+             "train.max_steps=2", "train.global_batch_size=16"])
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

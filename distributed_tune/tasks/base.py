@@ -165,6 +165,8 @@ def read_rows(path: Path, delimiter: str, header: bool) -> tuple[list[str] | Non
         rows = [(n, line.split("\t")) for n, line in enumerate(lines(text), 1) if line]
     else:
         # newline="": the csv module sees the file's own line ends (RFC 4180 newlines in quotes).
+        # A field may be as long as a JSONL sentence: no 131,072-character cap (the csv default).
+        csv.field_size_limit(2**31 - 1)
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
         start = 1
         try:
@@ -188,9 +190,21 @@ def column(path: Path, head: list[str], name: str) -> int:
     return head.index(name)
 
 
-def check_text(path: Path, line: int, text: str) -> str:
+# Data rules, one for every format (CSV, TSV, JSONL, `datasets` folders; README "Data rules"):
+# a text is a non-empty string, taken as written; a label is taken exactly as written or refused
+# (see custom.py for the labels of your own files). Nothing is converted by a guess.
+MISSING = frozenset({"nan", "-nan", "na", "n/a", "null", "none", "nil", "?"})
+
+
+def check_text(path: Path | str, line: int | str, text: Any, field: str | None = None) -> str:
+    """A text value as written; null, a number or other non-string, an empty or blank string are
+    refused (JSONL `"sentence": null` once trained on the text "None")."""
+    what = f" field {field!r}" if field else ""
+    if not isinstance(text, str):
+        shown = "null" if text is None else f"{type(text).__name__} {text!r}"
+        raise DataError(f"{path}:{line}:{what} text is {shown}, not a string; write the text, or remove the line")
     if not text.strip():
-        raise DataError(f"{path}:{line}: empty text; fix or remove the line")
+        raise DataError(f"{path}:{line}:{what} empty text; fix or remove the line")
     return text
 
 
@@ -218,14 +232,20 @@ def require(condition: bool, message: str) -> None:
         raise DataError(message)
 
 
-def records_from_hub(rows: Any, fields: tuple[str, ...], split: str, regression: bool) -> list[Example]:
+def records_from_hub(rows: Any, fields: tuple[str, ...], split: str, regression: bool,
+                     source: str = "data.source=hub") -> list[Example]:
     """`datasets` rows (dicts) -> Examples; test rows carry label -1 on the hub: None here."""
     out = []
     for i, r in enumerate(rows):
-        label = r["label"]
+        where, label = f"{source}: split {split}, row", r["label"]
         if regression:
+            if isinstance(label, bool) or not isinstance(label, (int, float)) or label != label or abs(label) == float("inf"):
+                raise DataError(f"{where} {i}: label {label!r} is not a finite number; fix or remove the row")
             value: Label = float(label)
         else:
-            value = None if int(label) < 0 else int(label)
-        out.append(Example(tuple(str(r[f]) for f in fields), value, split, "", int(r.get("idx", i))))
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise DataError(f"{where} {i}: label {label!r} is not a class index; fix or remove the row")
+            value = None if label < 0 else label
+        texts = tuple(check_text(where, i, r[f], f) for f in fields)
+        out.append(Example(texts, value, split, "", int(r.get("idx", i))))
     return out

@@ -13,6 +13,12 @@
 Label names are the distinct training labels, sorted (strings as written, integers as their
 digits); the exported model's `id2label` keeps them. CSV follows RFC 4180 quoting; TSV files are
 split on tabs only. Every row is validated; an error names the file and the line.
+
+Labels are taken exactly as written or refused, never converted by a guess: a classification
+label is a string or an integer (JSONL: an integer or a string; CSV/TSV: the text of the field);
+refused: an empty or missing one, one that spells a missing value (NaN, NA, null, None, ...),
+spaces around it, a float or boolean in JSONL, and a file whose labels mix integers and words
+(`0`, `1` and `pos`), or JSONL integers and strings (`1` and `"1"`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from distributed_tune.errors import ConfigError, DataError
 from distributed_tune.files import sha256_file
 from distributed_tune.keys import key
 from distributed_tune.tasks.base import (
+    MISSING,
     DataSource,
     Example,
     Label,
@@ -83,7 +90,7 @@ def read_table(path: Path, fields: tuple[str, ...], label_field: str | None,
             if missing:
                 raise DataError(f"{path}:{lineno}: no field {', '.join(map(repr, missing))} "
                                 f"(has {', '.join(map(repr, row))}); set custom.text_fields")
-            texts = tuple(check_text(path, lineno, str(row[f])) for f in fields)
+            texts = tuple(check_text(path, lineno, row[f], f) for f in fields)
             out.append((lineno, texts, row.get(label_field) if label_field else None))
         if not out:
             raise DataError(f"{path}: file is empty")
@@ -104,11 +111,34 @@ def read_table(path: Path, fields: tuple[str, ...], label_field: str | None,
             raise DataError(f"{path}:{lineno}: {len(row)} columns, the header has {len(head)}; fix or remove the line")
         texts = tuple(check_text(path, lineno, row[c]) for c in text_cols)
         out.append((lineno, texts, row[label_col] if label_col is not None else None))
+    if not out:
+        raise DataError(f"{path}: no rows after the header line; add examples (one per line)")
     return out
 
 
-def _label_key(raw: Any) -> str:
-    return str(raw).strip() if not isinstance(raw, bool) else str(int(raw))
+def _label_key(path: Path, line: int, raw: Any, field: str) -> str:
+    """A classification label exactly as written (see the module docstring), as its class name."""
+    if isinstance(raw, bool) or isinstance(raw, float) or not isinstance(raw, (str, int)):
+        shown = "null" if raw is None else repr(raw)
+        raise DataError(f"{path}:{line}: label {shown} in {field!r} is not a class name or an integer; write the "
+                        "class as a string or an integer")
+    if isinstance(raw, int):
+        return str(raw)
+    if raw == "":
+        raise DataError(f"{path}:{line}: no value in the label column {field!r}")
+    if raw != raw.strip():
+        raise DataError(f"{path}:{line}: label {raw!r} has spaces around it; write it without them")
+    if raw.lower() in MISSING:
+        raise DataError(f"{path}:{line}: label {raw!r} reads as a missing value, not a class; give the row its "
+                        "label or remove it")
+    return raw
+
+
+def _kind(raw: Any) -> str:
+    """integer / word: one file's labels are all of one kind (JSONL: also one type)."""
+    if isinstance(raw, int):
+        return "JSON integer"
+    return "integer" if raw.lstrip("-").isdigit() else "word"
 
 
 def load(task: Task, data: DataSource) -> TaskData:
@@ -121,6 +151,19 @@ def load(task: Task, data: DataSource) -> TaskData:
         if any(raw is None or raw == "" for _, _, raw in tables[split]):
             line = next(n for n, _, raw in tables[split] if raw is None or raw == "")
             raise DataError(f"{paths[split]}:{line}: no value in the label column {cfg.label_field!r}")
+    if not task.regression:  # one kind of label across train and validation: never 0, 1 and "pos"
+        first: dict[str, tuple[Path, int, Any]] = {}
+        for split in ("train", "validation", "test"):
+            for line, _, raw in tables.get(split, []):
+                if split == "test" and (raw is None or raw == ""):
+                    continue
+                _label_key(paths[split], line, raw, cfg.label_field)
+                first.setdefault(_kind(raw), (paths[split], line, raw))
+        if len(first) > 1:
+            (k1, (f1, l1, r1)), (k2, (f2, l2, r2)) = sorted(first.items(), key=lambda kv: (str(kv[1][0]), kv[1][1]))[:2]
+            a = "an" if k2[0] in "aeiou" else "a"
+            raise DataError(f"{f2}:{l2}: label {r2!r} is {a} {k2}, but {f1}:{l1} has the {k1} {r1!r}: labels are taken as "
+                            "written, so these would be different classes; write every label the same way")
 
     if task.regression:
         names: tuple[str, ...] = ()
@@ -128,7 +171,7 @@ def load(task: Task, data: DataSource) -> TaskData:
         def label(split: str, line: int, raw: Any) -> Label:
             return float_label(paths[split], line, str(raw))
     else:
-        keys = sorted({_label_key(raw) for _, _, raw in tables["train"]},
+        keys = sorted({_label_key(paths["train"], n, raw, cfg.label_field) for n, _, raw in tables["train"]},
                       key=lambda k: (0, int(k)) if k.lstrip("-").isdigit() else (1, k))
         if len(keys) < 2:
             raise DataError(f"{paths['train']}: every row has the label {keys[0]!r}; a classifier needs at least "
@@ -136,7 +179,7 @@ def load(task: Task, data: DataSource) -> TaskData:
         names = tuple(keys)
 
         def label(split: str, line: int, raw: Any) -> Label:
-            key = _label_key(raw)
+            key = _label_key(paths[split], line, raw, cfg.label_field)
             if key not in names:
                 raise DataError(f"{paths[split]}:{line}: label {key!r} does not occur in the training file "
                                 f"(labels: {', '.join(names)})")

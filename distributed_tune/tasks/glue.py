@@ -159,7 +159,8 @@ def load_hub(task: Task, cfg: DataSource) -> TaskData:
         raise DataError(f"data.source={source}: labels {labels.names} are not {task.name}'s {list(task.label_names)}")
 
     def rows(split: str) -> list[Example]:
-        return records_from_hub(ds[split], task.text_fields, split, task.regression)
+        return records_from_hub(ds[split], task.text_fields, split, task.regression,
+                                "data.source=hub" if source == "hub" else f"datasets folder {source}")
 
     test_splits = [s for s in task.submission if s in ds]
     return TaskData(
