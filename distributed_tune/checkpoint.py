@@ -7,11 +7,11 @@ file's size and sha256, sealed with an HMAC under this user's checkpoint key) an
 resume, the newest checkpoint whose files match its sealed manifest is used; a damaged or foreign
 one is reported by name and skipped, before DeepSpeed or accelerate unpickle anything from it.
 
-Trust boundary: DeepSpeed loads its ``*_model_states.pt`` / ``*_optim_states.pt`` and accelerate
-its RNG states with ``torch.load(weights_only=False)``, so a checkpoint folder can run code when it
-is loaded. The seal is an HMAC-SHA256 keyed by ``~/.config/distributed_tune/checkpoint.key`` (mode
-0600, created on first use; ``DT_CHECKPOINT_KEY`` names another file; on a cluster every node must
-see the same key): whoever can write the run directory but cannot read the key cannot make a
+Trust boundary: DeepSpeed loads its ``*_model_states.pt`` / ``*_optim_states.pt`` with
+``torch.load(weights_only=False)``, so a checkpoint folder can run code when it is loaded
+(accelerate 1.16 loads its RNG states and optimizer.bin with weights_only=True). The seal is an
+HMAC-SHA256 keyed by ``~/.config/distributed_tune/checkpoint.key`` (mode 0600, created by a fresh
+run; ``DT_CHECKPOINT_KEY`` names another file; on a cluster every node must see the same key): whoever can write the run directory but cannot read the key cannot make a
 checkpoint that is loaded. Model exports (``model/``) are safetensors only.
 """
 
