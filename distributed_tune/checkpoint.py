@@ -81,6 +81,8 @@ def read_key() -> bytes:
         key = path.read_bytes().strip()
     except FileNotFoundError:
         raise KeyMissing(f"checkpoint key {path} does not exist") from None
+    except IsADirectoryError:
+        raise RunDirError(f"checkpoint key {path} is a folder; point {KEY_ENV} at the key file") from None
     except OSError as e:
         raise RunDirError(f"checkpoint key {path} cannot be read ({e.strerror}); fix its permissions (chmod 600 "
                           f"{path}) or point {KEY_ENV} at a readable key file") from None
@@ -419,6 +421,12 @@ def refuse_symlinks(run_dir: Path) -> None:
     be appended to wherever it points)."""
     for name in (*RUN_FILES, *RUN_DIRS, *DERIVED_FILES):
         p = run_dir / name
+        folder = name not in RUN_FILES
+        if p.exists() and not p.is_symlink() and p.is_dir() != folder:
+            raise RunDirError(
+                f"output_dir={run_dir}: {name} is a {'file' if folder else 'folder'}, where a run keeps its "
+                f"{'folder' if folder else 'file'} {name}; nothing was touched: move it away or choose another "
+                "output_dir")
         if p.is_symlink():
             raise RunDirError(
                 f"output_dir={run_dir}: {name} is a symlink (to {os.readlink(p)}); a run's own files and folders are "

@@ -47,6 +47,7 @@ _ADVICE = {
     errno.ENOENT: ("a folder on the way is missing", "create it or choose another place"),
     errno.ENOTDIR: ("a file stands where a folder is needed", "choose another place"),
     errno.EISDIR: ("a folder stands where the file goes", "move it away or choose another place"),
+    errno.EEXIST: ("a file stands where the folder goes", "move it away or choose another place"),
     errno.EIO: ("an I/O error of the disk", "check the disk"),
 }
 

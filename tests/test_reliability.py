@@ -286,6 +286,24 @@ def test_nothing_is_deleted_or_written_through_a_symlinked_folder_of_the_run(
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints"])
+def test_a_run_file_that_is_a_folder_or_a_run_folder_that_is_a_file_is_refused(
+        finished: Path, tiny_model: Path, cola_dir: Path, cache_dir: Path, tmp_path: Path, name: str) -> None:
+    """Found by the issue-20 pass: a folder named metrics.jsonl failed only after config.yaml was rewritten."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    p = run / name
+    shutil.rmtree(p) if p.is_dir() else p.unlink()
+    p.mkdir() if name == "metrics.jsonl" else p.write_text("x")
+    before = snapshot(run, LOCK)
+    proc = run_cli(["--resume", *args_for(tiny_model, cola_dir, cache_dir, run)], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    a, b = ("folder", "file") if name == "metrics.jsonl" else ("file", "folder")
+    assert last_line(proc) == (f"error: output_dir={run}: {name} is a {a}, where a run keeps its {b} {name}; nothing "
+                               "was touched: move it away or choose another output_dir")
+    assert snapshot(run, LOCK) == before and "Traceback" not in proc.stderr
+
+
 def test_the_deleter_checks_every_path_before_deleting_any(tmp_path: Path) -> None:
     from distributed_tune.errors import RunDirError
     from distributed_tune.files import remove
