@@ -234,7 +234,8 @@ def test_sweep_bad_input(tmp_path: Path, monkeypatch, capsys) -> None:
         run = tmp_path / "s" / f"seed_{seed}"
         assert {p.name for p in run.iterdir()} == {"config.yaml", "accelerate.yaml", "job.sbatch"}
         assert f"seed: {seed}\n" in (run / "config.yaml").read_text()
-        assert "--num_processes 4" in (run / "job.sbatch").read_text()
+        assert "# 1 node(s) x 4 process(es) (4 GPU(s) per node)" in (run / "job.sbatch").read_text()
+        assert "num_processes: 4\n" in (run / "accelerate.yaml").read_text()
 
 
 def test_a_stop_signal_to_the_sweep_stops_it_after_the_run_saved(tiny_model: Path, cola_dir: Path, cache_dir: Path,
