@@ -464,7 +464,11 @@ def test_single_node_script_on_a_cpu_partition(reference: dict, workdir: Path, j
         assert f"job {job} (restart {restart}) on {record['NodeList']}: 2 process(es)" in out
     (k,) = stopped_at(err)
     assert k == 10, k  # the first check: the warning was there before the training started
-    assert out.index("USR1: the training stops") < out.index("wrote ") < out.index("job step exited with status 0")
+    # Both in the first attempt: its launcher files rendered ("wrote ...", a foreground step, after
+    # which bash runs the USR1 trap) and the warning, before its job step exits.
+    first_exit = out.index("job step exited with status 0")
+    assert out.index("wrote runs/single_node/accelerate.yaml") < first_exit
+    assert out.index("USR1: the training stops") < first_exit
     assert_clean(out, re.sub(rf"slurmstepd.*JOB {job} ON .* CANCELLED AT .* DUE TO JOB REQUEUE \*\*\*\n", "", err))
     dev = final_dev(run_dir)
     assert (dev["world_size"], dev["n"]) == (2, 1043)
@@ -485,6 +489,19 @@ def two_nodes_problem() -> str | None:
     if proc.returncode != 0 or len(fields) < 2 or fields[1] != "up" or int(fields[0]) < 2:
         return f"no partition '{TWO}' that is up with 2 nodes (sinfo: {proc.stdout.strip()!r}): .ci/slurm-up.sh makes one"
     return None
+
+
+def requeue_on_one_node(job: str, run_dir: Path, watch: Watch) -> None:
+    """Warn a running 2-node job (USR1) after 5 steps, wait for its requeue, and release it on ONE
+    node: what a user does to continue on whatever is free."""
+    wait_for_steps(run_dir, watch, 5)
+    usr1(job)
+    watch.until(lambda r: r["JobState"] == "PENDING" and r["Reason"] == "BeginTime", "held after a requeue")
+    time.sleep(2)
+    # NumNodes=1 alone moves only the minimum (the scheduler still gives 2 when both are free), and
+    # 2 tasks (one per node) would need 2 nodes: both bounds and the task count.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1", "StartTime=now"], check=True,
+                   timeout=30)
 
 
 def needs_two_nodes() -> None:
@@ -563,14 +580,7 @@ def test_two_nodes_preempted_requeued_on_one_node_then_two(reference: dict, work
     job = submit(["--config", str(job_config), *ONE_PER_NODE, "--nodes", "2", "--partition", TWO,
                   "output_dir=runs/reshaped"], workdir, jobs)
     watch = Watch(job)
-    wait_for_steps(run_dir, watch, 5)
-    usr1(job)
-    watch.until(lambda r: r["JobState"] == "PENDING" and r["Reason"] == "BeginTime", "held after a requeue")
-    time.sleep(2)
-    # NumNodes=1 alone moves only the minimum (the scheduler still gives 2 when both are free), and
-    # 2 tasks (one per node) would need 2 nodes: both bounds and the task count.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1", "StartTime=now"], check=True,
-                   timeout=30)
+    requeue_on_one_node(job, run_dir, watch)
     watch.until(lambda r: r["JobState"] == "RUNNING" and r["NumNodes"] == "1", "running on one node")
     usr1(job)  # at once: the stop file stops it at its first check after the resume
     held = watch.until(lambda r: r["JobState"] == "PENDING" and r["Reason"] == "BeginTime", "held after a requeue")
@@ -693,14 +703,7 @@ def test_a_zero2_two_node_job_resumes_on_one_node(workdir: Path, job_config: Pat
     ref = submit(["--config", str(job_config), *ONE_PER_NODE, "--partition", PARTITION, "output_dir=runs/zero2_one",
                   *zero], workdir, jobs)
     watch = Watch(job)
-    wait_for_steps(run_dir, watch, 5)
-    usr1(job)
-    watch.until(lambda r: r["JobState"] == "PENDING" and r["Reason"] == "BeginTime", "held after a requeue")
-    time.sleep(2)
-    # NumNodes=1 alone moves only the minimum (the scheduler still gives 2 when both are free), and
-    # 2 tasks (one per node) would need 2 nodes: both bounds and the task count.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1", "StartTime=now"], check=True,
-                   timeout=30)
+    requeue_on_one_node(job, run_dir, watch)
     record = watch.until(finished, "finished")
     ref_record = Watch(ref).until(finished, "finished")
     out, err = (run_dir / f"slurm-{job}.out").read_text(), (run_dir / f"slurm-{job}.err").read_text()
