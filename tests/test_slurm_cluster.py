@@ -448,10 +448,7 @@ def test_single_node_script_on_a_cpu_partition(reference: dict, workdir: Path, j
                  workdir, jobs)
     watch = Watch(job)
     watch.until_state("RUNNING")
-    # RUNNING comes before the batch shell runs (a USR1 then kills it: WTERMSIG 10, seen on a loaded
-    # machine): wait for its process, and the few milliseconds bash needs to reach the trap.
-    watch.until(lambda r: any("slurm_script" in cmd for _, cmd in job_processes(job)), "in its batch shell")
-    time.sleep(0.2)
+    in_batch_shell(job, watch)
     usr1(job)
     watch.release_after_requeue()
     record = watch.until(finished, "finished")
@@ -489,6 +486,14 @@ def two_nodes_problem() -> str | None:
     if proc.returncode != 0 or len(fields) < 2 or fields[1] != "up" or int(fields[0]) < 2:
         return f"no partition '{TWO}' that is up with 2 nodes (sinfo: {proc.stdout.strip()!r}): .ci/slurm-up.sh makes one"
     return None
+
+
+def in_batch_shell(job: str, watch: Watch) -> None:
+    """Wait until a RUNNING job's batch shell runs. RUNNING comes before it does, and a USR1 then
+    kills it (WTERMSIG 10, seen on a loaded machine): wait for its process, and the few
+    milliseconds bash needs to reach the trap."""
+    watch.until(lambda r: any("slurm_script" in cmd for _, cmd in job_processes(job)), "in its batch shell")
+    time.sleep(0.2)
 
 
 def requeue_on_one_node(job: str, run_dir: Path, watch: Watch) -> None:
@@ -582,6 +587,7 @@ def test_two_nodes_preempted_requeued_on_one_node_then_two(reference: dict, work
     watch = Watch(job)
     requeue_on_one_node(job, run_dir, watch)
     watch.until(lambda r: r["JobState"] == "RUNNING" and r["NumNodes"] == "1", "running on one node")
+    in_batch_shell(job, watch)
     usr1(job)  # at once: the stop file stops it at its first check after the resume
     held = watch.until(lambda r: r["JobState"] == "PENDING" and r["Reason"] == "BeginTime", "held after a requeue")
     assert held["Restarts"] == "2"
