@@ -1,6 +1,6 @@
 """LoRA (model.lora) and the model/ export it makes, for real: tiny random models of three families
 written by fixtures (BERT, a Llama-architecture and a Qwen2-architecture decoder), 1 and 2 CPU
-processes, DDP and DeepSpeed ZeRO-3.
+processes, DDP and DeepSpeed ZeRO 1-3.
 
     python -m pytest -q tests/test_lora.py -m fast     # config, targets, heads: seconds
     python -m pytest -q tests/test_lora.py             # + the launched runs, ~5 minutes on 2 cores
@@ -8,6 +8,7 @@ processes, DDP and DeepSpeed ZeRO-3.
 One module-scoped set of runs (8 optimizer steps, global batch 16, a checkpoint every 4, dropout
 off) serves the launched tests:
   * 1 process x accumulation 2 and 2 processes log the same losses (BERT and Llama, DDP);
+  * LoRA under ZeRO-1, 2 and 3 logs the DDP losses (BERT, 2 processes);
   * ZeRO-3 + LoRA on 2 processes trains, and a copy cut back to its step-4 checkpoint resumes
     with the same losses for steps 5..8 (BERT and Qwen2);
   * model/ (merged) reloaded by pipeline() in a new process gives the run's own dev MCC;
@@ -36,6 +37,9 @@ GC = ["train.gradient_checkpointing=true"]
 GC_TOL = 1e-6
 # 2 processes against 1 process x accumulation 2: the same arithmetic summed in another order.
 LOSS_TOL = 1e-5
+# ZeRO 1-3 against DDP, both on 2 processes: DeepSpeed reduces the (fp32) gradients in its own
+# buckets; the bound tests/test_deepspeed.py states for full fine-tuning.
+ZERO_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +145,8 @@ def runs(decisive_bert: Path, llama: Path, qwen: Path, cache_dir: Path, cola_dir
     plan = {  # name: (model, processes, extra)
         "bert_1": ("bert", 1, []), "bert_2": ("bert", 2, []),
         "llama_1": ("llama", 1, []), "llama_2": ("llama", 2, []),
+        "bert_z1": ("bert", 2, ["distributed.zero_stage=1"]),
+        "bert_z2": ("bert", 2, ["distributed.zero_stage=2"]),
         "bert_z3": ("bert", 2, ["distributed.zero_stage=3"]),
         "qwen_z3": ("qwen", 2, ["distributed.zero_stage=3"]),
         # train.gradient_checkpointing against the runs above: LoRA (1 process, DDP, ZeRO-3), full fine-tuning.
@@ -166,6 +172,14 @@ def test_one_process_with_accumulation_equals_two_processes(runs, family: str) -
     one, two = train_losses(runs[f"{family}_1"]), train_losses(runs[f"{family}_2"])
     assert len(one) == len(two) == STEPS
     assert two == pytest.approx(one, abs=LOSS_TOL)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_lora_under_each_zero_stage_logs_the_ddp_losses(runs, stage: int) -> None:
+    ddp, zero = train_losses(runs["bert_2"]), train_losses(runs[f"bert_z{stage}"])
+    assert len(ddp) == len(zero) == STEPS
+    assert zero == pytest.approx(ddp, abs=ZERO_TOL)
+    assert {r["n"] for r in evals(runs[f"bert_z{stage}"]) if r["split"] == "dev"} == {1043}
 
 
 @pytest.mark.parametrize("name", ["bert_z3", "qwen_z3"])
