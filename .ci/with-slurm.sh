@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a command with a two-node SLURM cluster up (CI: the real-cluster tests need one).
 #
-#   bash .ci/with-slurm.sh python -m pytest -q tests
+#   bash .ci/with-slurm.sh python -m pytest -q -n 2 tests
 #
 # Brings the cluster up in a new temporary folder (.ci/slurm-up.sh, as root; installs slurm-wlm
 # and munge with apt-get if missing), exports SLURM_CONF, runs the command, always brings the

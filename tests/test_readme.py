@@ -88,7 +88,7 @@ def ci_line(command: str) -> None:
     ci = (REPO / ".ci" / "run").read_text()
     wanted = command.replace("pip install ", "pip install -q ")
     assert command in ci or wanted in ci or (command.startswith("bash .ci/with-slurm.sh") and
-                                             "bash .ci/with-slurm.sh python -m pytest -q tests" in ci), command
+                                             "bash .ci/with-slurm.sh python -m pytest -q -n 2 tests" in ci), command
 
 
 def run_readme_command(command: str, env: Env, cwd: Path) -> str:
