@@ -173,3 +173,23 @@ def base_args(tiny_model: Path, cache_dir: Path, cola_dir: Path) -> list[str]:
         "train.epochs=1", "train.max_steps=8", "train.log_every=1",
         "train.global_batch_size=16", "train.micro_batch_size=8", "train.lr=1e-3",
     ]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """The lines a test under a pytest-xdist worker asked to show in CI's log (tests/test_slurm_cluster.py's
+    `say`), printed by the main process once the test is done."""
+    if report.when != "teardown" or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    lines = [text for key, text in report.user_properties if key == "ci_log"]
+    if lines and _CONFIG is not None:
+        terminal = _CONFIG.pluginmanager.get_plugin("terminalreporter")
+        if terminal is not None:
+            terminal.write_line("\n".join(lines))
+
+
+_CONFIG: pytest.Config | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _CONFIG
+    _CONFIG = config

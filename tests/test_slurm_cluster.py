@@ -162,11 +162,16 @@ def assert_clean(*logs: str) -> None:
 
 
 @pytest.fixture()
-def say(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
-    """Print to the terminal even under pytest's capture: the state sequences belong in CI's log."""
+def say(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
+    """Print to the terminal even under pytest's capture: the state sequences belong in CI's log.
+    Under pytest-xdist a worker's terminal is not shown: the text travels with the test's report
+    and conftest's pytest_runtest_logreport prints it in the main process."""
     def _say(text: str) -> None:
-        with capsys.disabled():
-            print(text, flush=True)
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            request.node.user_properties.append(("ci_log", text))
+        else:
+            with capsys.disabled():
+                print(text, flush=True)
     return _say
 
 
